@@ -1,0 +1,2 @@
+"""nullbooth."""
+__version__ = "0.1.0"

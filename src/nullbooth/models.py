@@ -1,0 +1,210 @@
+"""Load a diffusers Stable Diffusion pipeline: a built-in small model, a local folder or a hub id.
+
+Built-in models are built in code from a fixed seed with the real SD 1.x CLIP tokenizer,
+written once to ``$NULLBOOTH_CACHE`` (default ``~/.cache/nullbooth``) and then loaded
+through plain ``StableDiffusionPipeline.from_pretrained`` like any other folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import NullBoothError
+
+CLIP_VOCAB_SIZE = 49408
+_BUNDLED_DIR = Path(__file__).parent / "data" / "models"
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """Architecture of a small SD-style pipeline (text width, UNet widths, VAE widths)."""
+
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    unet_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    use_linear_projection: bool = False
+    vae_channels: tuple[int, ...] = (32, 64)
+    latent_size: int = 32
+    seed: int = 0
+
+
+BUILTIN_MODELS: dict[str, TinyArch] = {
+    # The default: SD 1.x layout (conv proj-in), CLIP text width 128.
+    "tiny-sd": TinyArch(),
+    # An SD 2.x-like layout (linear proj-in, three levels) for users and tests that need a second architecture.
+    "tiny-sd2": TinyArch(
+        text_hidden=96, text_layers=2, text_heads=4, unet_channels=(16, 32, 32),
+        layers_per_block=2, attention_head_dim=4, use_linear_projection=True,
+        vae_channels=(16, 32), latent_size=16, seed=1,
+    ),
+}
+DEFAULT_MODEL = "tiny-sd"
+
+
+def _clip_bpe_path() -> Path:
+    """The CLIP BPE merges file shipped inside ``open_clip_torch`` (found without importing it)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise NullBoothError(
+            "building a built-in model needs the CLIP BPE vocabulary from open_clip_torch, which is not installed; "
+            "fix: pip install --no-deps open_clip_torch"
+        )
+    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise NullBoothError(f"expected the CLIP BPE file at {path}, found nothing; reinstall open_clip_torch")
+    return path
+
+
+def _byte_alphabet() -> list[str]:
+    """CLIP's reversible byte→unicode map: printable bytes keep their character, the rest move above U+00FF."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def build_clip_tokenizer():
+    """The SD 1.x CLIP tokenizer (vocab 49408; ids identical to ``openai/clip-vit-large-patch14``)."""
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(_clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == CLIP_VOCAB_SIZE
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=77)
+
+
+def build_tiny_pipeline(arch: TinyArch = TinyArch(), tokenizer=None):
+    """A randomly initialised (seeded) Stable-Diffusion-architecture pipeline small enough for CPU tests."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tokenizer if tokenizer is not None else build_clip_tokenizer()
+    levels = len(arch.unet_channels)
+    torch.manual_seed(arch.seed)
+    unet = UNet2DConditionModel(
+        sample_size=arch.latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=arch.unet_channels,
+        layers_per_block=arch.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=arch.text_hidden,
+        attention_head_dim=arch.attention_head_dim,
+        use_linear_projection=arch.use_linear_projection,
+        norm_num_groups=min(arch.unet_channels[0], 32),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=arch.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
+        latent_channels=4,
+        norm_num_groups=min(arch.vae_channels[0], 32),
+        sample_size=arch.latent_size * 2 ** (len(arch.vae_channels) - 1),
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=arch.text_hidden,
+            intermediate_size=arch.text_hidden * 4,
+            num_hidden_layers=arch.text_layers,
+            num_attention_heads=arch.text_heads,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NULLBOOTH_CACHE", Path.home() / ".cache" / "nullbooth"))
+
+
+def materialize_builtin(name: str) -> Path:
+    """Write built-in model ``name`` to a diffusers folder (once) and return the folder."""
+    shipped = _BUNDLED_DIR / name
+    if (shipped / "model_index.json").is_file():
+        return shipped
+    arch = BUILTIN_MODELS[name]
+    key = hashlib.sha256(repr(arch).encode()).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{name}-{key}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        build_tiny_pipeline(arch).save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        # Another process finished first; its folder is as good as ours.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "model_index.json").is_file():
+            raise
+    return folder
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a built-in short name (``tiny-sd``, ``nullbooth/tiny-sd``) to its folder; leave paths and hub ids alone."""
+    short = name_or_path.removeprefix("nullbooth/")
+    if short in BUILTIN_MODELS or short == "default":
+        return str(materialize_builtin(DEFAULT_MODEL if short == "default" else short))
+    return name_or_path
+
+
+def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  **kwargs: Any):
+    """Load a ``StableDiffusionPipeline`` (or any text-to-image diffusers pipeline in the folder) for inference."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise NullBoothError(
+            f"expected a diffusers model folder with model_index.json at {path}, found none; "
+            "point pretrained_model_name_or_path at a folder written by save_pretrained, a hub id, or 'tiny-sd'"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
+                                                 requires_safety_checker=False, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NullBoothError(
+            f"could not load a diffusers pipeline from '{path}': {first}; give a local diffusers folder, "
+            "a cached hub id (HF_HUB_OFFLINE=1 forbids downloads), or a built-in name "
+            f"({', '.join(sorted(BUILTIN_MODELS))})"
+        ) from None
+    for required in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipe, required, None) is None:
+            raise NullBoothError(f"expected a text-to-image pipeline with a {required}, '{path}' has none")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

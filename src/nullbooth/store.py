@@ -1,0 +1,244 @@
+"""The on-disk run layout (seed 000, "文件组织结构") and its atomic writers and readers.
+
+::
+
+    <cov_matrices_output_dir>/run_YYYYMMDD_HHMMSS/
+        manifest.json                         what produced the run (model fingerprint, config, prompts hash, status)
+        timestep_XXXX/<layer with . → _>/     the seed's files, float32 .npy + JSON
+            {q,k,v,out}_covariance.npy        C = Σxxᵀ / n at that timestep
+            {q,k,v,out}_projection.npy        P = ÛÛᵀ (omitted when the null space is empty)
+            {q,k,v,out}_metadata.json         original_shape, n_samples, feature_dim, null_space_dim,
+                                              singular_values, nullspace_threshold (+ additions)
+        stats/summed.safetensors              float64 Σxxᵀ and n summed over timesteps: what training uses
+        stats/timestep_sums.safetensors       (optional) exact float64 per-timestep sums
+        visualizations/                       pictures, when enabled
+        .partial/checkpoint.safetensors       resumable collection state; gone once the run is complete
+
+The text features (inputs of ``to_k``/``to_v``) are identical for every layer and timestep, so their
+files are written once and hard-linked everywhere else: the layout is unchanged for readers, the
+bytes are stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import NullBoothError
+from .stats import SecondMoment
+
+MANIFEST = "manifest.json"
+RUN_FORMAT = "nullbooth-run"
+RUN_PATTERN = re.compile(r"^run_\d{8}_\d{6}(_\d+)?$")
+TEXT_KEY = "text"  # the shared statistic of to_k/to_v inputs
+
+
+def layer_dirname(layer_name: str) -> str:
+    return layer_name.replace(".", "_")
+
+
+def timestep_dirname(timestep: int) -> str:
+    return f"timestep_{int(timestep):04d}"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; published files get the usual mode
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+
+    _atomic(path, write)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+    _atomic(path, write)
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {})))
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link of ``source`` (atomic replace); copy where links are not supported."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        _atomic(target, lambda t: Path(t).write_bytes(source.read_bytes()))
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NullBoothError(f"expected {what} at {path}, found nothing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NullBoothError(f"{path} is not valid JSON ({err}); the file is corrupt — recollect this run") from None
+    if not isinstance(data, dict):
+        raise NullBoothError(f"expected a JSON object in {path}, got {type(data).__name__}")
+    return data
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """``np.load`` without pickle, turning truncated or foreign files into one clear error."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise NullBoothError(f"expected a .npy matrix at {path}, found nothing") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise NullBoothError(
+            f"{path} is not a readable .npy array ({str(err).splitlines()[0]}); it is truncated or not written by "
+            "nullbooth — delete it and recollect the run"
+        ) from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
+        raise NullBoothError(f"expected a float matrix in {path}, got {getattr(array, 'dtype', type(array))}")
+    return array
+
+
+def load_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            metadata = fh.metadata() or {}
+    except FileNotFoundError:
+        raise NullBoothError(f"expected {what} at {path}, found nothing") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise NullBoothError(f"{path} is not a readable safetensors file ({err}); it is corrupt or foreign") from None
+    return tensors, metadata
+
+
+def load_covariance_data(timestep: int, layer_name: str, feature_type: str, base_dir: str | os.PathLike) -> dict[str, Any]:
+    """The seed's loader: ``{'covariance', 'projection' (or None), 'metadata'}`` of one matrix of a run.
+
+    ``layer_name`` may be dotted (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``) or already
+    underscored; ``timestep`` is the real denoising timestep (0–999).
+    """
+    if feature_type not in ("q", "k", "v", "out"):
+        raise NullBoothError(f"feature_type must be one of q, k, v, out; got {feature_type!r}")
+    layer_dir = Path(base_dir) / timestep_dirname(timestep) / layer_dirname(layer_name)
+    if not layer_dir.is_dir():
+        available = sorted(p.name for p in Path(base_dir).glob("timestep_*"))
+        raise NullBoothError(
+            f"no matrices for timestep {timestep}, layer {layer_name} under {base_dir}; "
+            f"the run has {len(available)} timestep folders ({', '.join(available[:3])}{', …' if len(available) > 3 else ''})"
+        )
+    projection_path = layer_dir / f"{feature_type}_projection.npy"
+    return {
+        "covariance": load_npy(layer_dir / f"{feature_type}_covariance.npy"),
+        "projection": load_npy(projection_path) if projection_path.exists() else None,
+        "metadata": read_json(layer_dir / f"{feature_type}_metadata.json", "a metadata file"),
+    }
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def new_run_dir(output_dir: Path, stamp: str) -> Path:
+    """``run_YYYYMMDD_HHMMSS`` (suffixed when two runs start in the same second)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    candidate, i = output_dir / f"run_{stamp}", 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, i = output_dir / f"run_{stamp}_{i}", i + 1
+
+
+def iter_runs(output_dir: Path) -> Iterator[Path]:
+    if output_dir.is_dir():
+        for p in sorted(output_dir.iterdir(), reverse=True):  # newest first
+            if p.is_dir() and RUN_PATTERN.match(p.name):
+                yield p
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise NullBoothError(f"expected a run directory at {run_dir}, found nothing; give a run_YYYYMMDD_HHMMSS folder")
+    manifest = read_json(run_dir / MANIFEST, "a run manifest (manifest.json); is this a nullbooth run directory?")
+    if manifest.get("format") != RUN_FORMAT:
+        raise NullBoothError(f"{run_dir / MANIFEST} is not a nullbooth run manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def stat_key(layer: str, feature: str) -> str:
+    return f"{layer}/{feature}"
+
+
+def save_statistics(path: Path, stats: Mapping[str, SecondMoment], metadata: Mapping[str, str] | None = None) -> None:
+    """Float64 sums and counts of named statistics in one safetensors file (exact merges)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, stat in stats.items():
+        for part, value in stat.state_dict().items():
+            tensors[f"{key}::{part}"] = value
+    save_tensors(path, tensors, metadata)
+
+
+def load_statistics(path: Path) -> tuple[dict[str, SecondMoment], dict[str, str]]:
+    tensors, metadata = load_tensors(path, "a statistics file")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        key, _, part = name.rpartition("::")
+        if not key:
+            raise NullBoothError(f"{path} holds tensor {name!r}, which is not a nullbooth statistic; foreign file?")
+        grouped.setdefault(key, {})[part] = value
+    return {key: SecondMoment.from_state_dict(parts) for key, parts in grouped.items()}, metadata
+
+
+def load_summed_statistics(run_dir: Path) -> dict[tuple[str, str], SecondMoment]:
+    """The timestep-summed statistic of every (layer, feature) of a complete run; k/v share the text statistic."""
+    manifest = read_manifest(run_dir)
+    stats, _ = load_statistics(Path(run_dir) / "stats" / "summed.safetensors")
+    out: dict[tuple[str, str], SecondMoment] = {}
+    for layer in manifest["layers"]:
+        for feature in manifest["features"]:
+            key = TEXT_KEY if feature in ("k", "v") else stat_key(layer["name"], feature)
+            if key not in stats:
+                raise NullBoothError(f"{run_dir}: summed statistics lack {key}; the run is incomplete or corrupt")
+            out[(layer["name"], feature)] = stats[key]
+    return out
