@@ -307,12 +307,13 @@ def _write_matrix(folder: Path, feature: str, stat: SecondMoment, shape: list[in
     return metadata
 
 
-def finalize(run_dir: Path, acc: Accumulators, cfg: Config, timesteps: Sequence[int]) -> None:
+def finalize(run_dir: Path, acc: Accumulators, cfg: Config, timesteps: Sequence[int], progress: bool = True) -> None:
     """Write the seed layout, the summed statistics and the manifest; then drop the checkpoint."""
     plan = acc.plan
     text_source: Path | None = None
     text_meta: dict[str, Any] = {}
-    for t in tqdm(sorted(acc.by_timestep, reverse=True), desc="null spaces", unit="timestep", leave=False):
+    for t in tqdm(sorted(timesteps, reverse=True), desc="null spaces", unit="timestep", leave=False,
+                  disable=not progress):
         for layer in plan.layers:
             folder = run_dir / timestep_dirname(t) / layer_dirname(layer.name)
             extra = {"timestep": t, "layer_name": layer.name}
@@ -333,12 +334,12 @@ def finalize(run_dir: Path, acc: Accumulators, cfg: Config, timesteps: Sequence[
                 write_json(folder / f"{feature}_metadata.json", {**text_meta, **extra, "feature": feature})
 
     summed: dict[str, SecondMoment] = {}
-    for stats in acc.by_timestep.values():
-        for key, stat in stats.items():
+    for t in sorted(acc.by_timestep):  # a fixed order, so a resumed run adds in the same order as a straight one
+        for key, stat in sorted(acc.by_timestep[t].items()):
             summed.setdefault(key, SecondMoment(stat.dim, device=stat.sum.device)).merge(stat)
     if acc.text is not None:
         summed[TEXT_KEY] = acc.text
-    meta = {"key": plan.key, "timesteps": json.dumps(sorted(acc.by_timestep))}
+    meta = {"key": plan.key, "timesteps": json.dumps(sorted(timesteps))}
     save_statistics(run_dir / "stats" / "summed.safetensors", summed, meta)
     if cfg.nullbooth.keep_timestep_sums:
         save_statistics(run_dir / "stats" / "timestep_sums.safetensors", acc.state(), meta)
@@ -408,7 +409,7 @@ def collect(cfg: Config, *, pipe=None, fresh: bool = False, progress: bool = Tru
         bar.close()
     finally:
         pipe.scheduler = original_scheduler
-    finalize(run_dir, acc, cfg, timesteps)
+    finalize(run_dir, acc, cfg, timesteps, progress)
     for observer in observers:
         observer.finish(run_dir)
     return run_dir

@@ -1,12 +1,16 @@
 """Typed configuration: one YAML file, validated as a whole before any model is loaded.
 
 Top-level keys follow diffusers ``train_dreambooth.py`` flag names; the ``nullbooth:`` block
-carries the seed's keys verbatim plus documented additions. Every problem in a file is reported
-at once, each with its dotted field name.
+carries the seed's keys verbatim plus documented additions; ``generate:`` holds the sampling
+settings of ``nullbooth generate``. Unknown keys are errors (a typo must not silently fall back to
+a default). Every problem in a file is reported at once, each with its dotted field name; the
+problems only ``train`` cares about (a missing instance folder, say) come from
+:func:`training_problems`, also all at once.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import NullBoothError
 
 NullspaceMode = Literal["absolute", "relative", "energy", "rank", "percentile"]
+Method = Literal["nullbooth", "dreambooth", "lora", "perfusion"]
 FEATURES = ("q", "k", "v", "out")
 
 
@@ -69,6 +74,8 @@ class NullBoothBlock(_Block):
     save_generations: bool = Field(False, description="also decode and keep the collection's images (reusable as class images)")
     attention_map_prompts: int = Field(2, ge=0, description="how many prompts get attention-map pictures")
     keep_timestep_sums: bool = Field(False, description="also keep exact float64 per-timestep sums (large) for exact per-timestep merges")
+    stats_run: str | None = Field(None, description="train from this run directory instead of finding/collecting one "
+                                  "under cov_matrices_output_dir")
 
     @field_validator("cross_attention_layers")
     @classmethod
@@ -91,18 +98,78 @@ class NullBoothBlock(_Block):
         return self
 
 
+class GenerateBlock(_Block):
+    """``nullbooth generate``: base model + a trained adapter, prompts × seeds → image grids."""
+
+    adapter: str | None = Field(None, description="a training output_dir (ours or a diffusers LoRA folder); default: output_dir")
+    prompts: list[str] = Field(default_factory=list)
+    prompts_file: str | None = Field(None, description="one prompt per line (added after `prompts`)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0, description="≤ 1 turns classifier-free guidance off")
+    out_dir: str | None = Field(None, description="default: <adapter>/samples")
+    compare_base: bool = Field(False, description="also sample the base model and write both side by side")
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seed(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("expected at least one seed")
+        return v
+
+
 class Config(_Block):
-    """The whole file. Training and generation keys are read by ``train``/``generate`` and ignored by ``collect``."""
+    """The whole file. ``collect`` reads the model and ``nullbooth:`` keys; ``train`` and ``generate`` the rest."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
-
+    # -- model and run
     pretrained_model_name_or_path: str = "tiny-sd"
     revision: str | None = None
     seed: int = 0
     resolution: int | None = Field(None, ge=8, description="image size; default: the model's native size")
     output_dir: str = "./outputs"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # -- what is trained
+    method: Method = Field("nullbooth", description="nullbooth | dreambooth (unconstrained baseline) | lora | perfusion")
+    nullbooth_update: Literal["adapter", "projected"] = Field(
+        "adapter", description="adapter: ΔW = M Uᵀ (exact); projected: full weights, W ← W_old + (W_new − W_old) P")
+    lora_rank: int = Field(4, ge=1)
+    # -- data (diffusers train_dreambooth.py names)
+    instance_data_dir: str | None = None
+    instance_prompt: str | None = None
+    class_data_dir: str | None = Field(None, description="default: <output_dir>/class_images")
+    class_prompt: str | None = None
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+    num_class_images: int = Field(100, ge=1)
+    class_generation_steps: int = Field(50, ge=1, description="sampling steps when class images are generated")
+    sample_batch_size: int = Field(4, ge=1, description="batch size when generating class images")
+    # -- optimisation
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float | None = Field(None, gt=0.0, description="default: the method's (dreambooth/nullbooth 5e-6, lora 1e-4)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_weight_decay: float = Field(1e-2, ge=0.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_train_steps: int = Field(400, ge=1)
+    gradient_checkpointing: bool = False
+    # -- checkpoints, validation, report
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    resume_from_checkpoint: str | None = Field(None, description="a checkpoint folder or 'latest'")
+    validation_prompt: str | None = None
+    num_validation_images: int = Field(2, ge=1)
+    validation_steps: int = Field(100, ge=1)
+    heldout_prompts: str | None = Field(None, description="prompt file: the report measures the leakage on their features")
+    heldout_steps: int = Field(2, ge=1, description="sampling steps recorded for the held-out features")
+    # -- blocks
     nullbooth: NullBoothBlock = NullBoothBlock()
+    # Slot for the Perfusion strategy (nullbooth.perfusion validates its own keys when it is registered).
+    perfusion: dict[str, Any] = Field(default_factory=dict)
+    generate: GenerateBlock = GenerateBlock()
 
     @field_validator("resolution")
     @classmethod
@@ -112,11 +179,69 @@ class Config(_Block):
         return v
 
 
+def _words(text: str) -> set[str]:
+    return {w for w in "".join(c.lower() if c.isalnum() or c in "<>_" else " " for c in text).split()}
+
+
+def training_problems(cfg: Config) -> list[str]:
+    """Every reason ``cfg`` cannot be trained from, as ``field: what is wrong; how to fix`` lines."""
+    problems = []
+    if not cfg.instance_data_dir:
+        problems.append("instance_data_dir: expected a folder of subject images, got nothing; set instance_data_dir")
+    if not cfg.instance_prompt or not cfg.instance_prompt.strip():
+        problems.append("instance_prompt: expected a prompt with an identifier token (e.g. 'a photo of sks dog'), got nothing")
+    if cfg.with_prior_preservation and not cfg.class_prompt:
+        problems.append("class_prompt: with_prior_preservation needs a class prompt (e.g. 'a photo of dog'); set it "
+                        "or turn with_prior_preservation off")
+    if cfg.instance_prompt and cfg.class_prompt:
+        # The identifier (a rare token such as "sks") is what the subject binds to: it must be in the
+        # instance prompt and not in the class prompt, or prior preservation trains the class itself.
+        extra = _words(cfg.instance_prompt) - _words(cfg.class_prompt)
+        if not extra:
+            problems.append(
+                f"instance_prompt: {cfg.instance_prompt!r} has no identifier token that class_prompt "
+                f"{cfg.class_prompt!r} lacks; add a rare token, e.g. {('sks ' + cfg.class_prompt)!r}"
+            )
+    if cfg.method == "nullbooth":
+        nb = cfg.nullbooth
+        if not nb.enable:
+            problems.append("nullbooth.enable: method 'nullbooth' needs enable: true; for an unconstrained run set "
+                            "method: dreambooth")
+        if nb.stats_run is None and nb.original_knowledge_prompts is None:
+            problems.append("nullbooth.original_knowledge_prompts: method 'nullbooth' needs a statistics run; give the "
+                            "prior prompts file (the run is collected or reused) or nullbooth.stats_run")
+    if cfg.lr_warmup_steps > cfg.max_train_steps:
+        problems.append(f"lr_warmup_steps: {cfg.lr_warmup_steps} exceeds max_train_steps {cfg.max_train_steps}")
+    return problems
+
+
+def check_training(cfg: Config, source: str = "config") -> None:
+    """Raise one ``NullBoothError`` listing every :func:`training_problems` entry."""
+    problems = training_problems(cfg)
+    if problems:
+        raise NullBoothError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The field names valid next to the unknown key at ``loc`` (for a "did you mean" hint)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(e["loc"]), n=1)
+            msg = "unknown key" + (f"; did you mean {'.'.join([*map(str, e['loc'][:-1]), close[0]])}?" if close else "")
         got = e.get("input")
         got_txt = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
         lines.append(f"{where}: {msg}{got_txt}")

@@ -1,0 +1,61 @@
+"""Shared fixtures: built-in tiny pipelines (built once per session) and small collection configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+PROMPTS = ["a red circle on the left", "a small blue square", "a green triangle at the top, white background"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from nullbooth.models import load_pipeline
+
+    return load_pipeline("tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe2():
+    from nullbooth.models import load_pipeline
+
+    return load_pipeline("tiny-sd2")
+
+
+def write_prompts(path: Path, prompts=PROMPTS) -> Path:
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return path
+
+
+def small_config(tmp_path: Path, **nullbooth):
+    from nullbooth.config import config_from_dict
+
+    block = {
+        "original_knowledge_prompts": str(write_prompts(tmp_path / "prompts.txt")),
+        "cov_matrices_output_dir": str(tmp_path / "cov"),
+        "num_denoising_steps": 3,
+        "collection_batch_size": 2,
+        "nullspace_mode": "relative",
+        "nullspace_threshold": 1e-3,
+        **nullbooth,
+    }
+    return config_from_dict({"pretrained_model_name_or_path": "tiny-sd", "nullbooth": block})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_pipe):
+    """One complete collection run on tiny-sd: 3 prompts, 3 steps, batches of 2."""
+    from nullbooth.collect import collect
+
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = small_config(tmp)
+    return collect(cfg, pipe=tiny_pipe, progress=False), cfg

@@ -1,0 +1,223 @@
+"""The shapes world (determinism, ground truth vs pixels, held-out split) and the judge / feature extractors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nullbooth.errors import NullBoothError
+from nullbooth.world import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT_PAIRS,
+    POSITIONS,
+    SHAPES,
+    SUBJECT,
+    World,
+    WorldConfig,
+    class_prompts,
+    heldout_prompts,
+    parse_prompt,
+    prior_prompts,
+    subject_instances,
+    subject_prompts,
+    write_prompt_lists,
+)
+
+WORLD = World()
+
+
+def _shape_mask(img: Image.Image, colour: str, tol: float = 60.0) -> np.ndarray:
+    a = np.asarray(img, np.float64)
+    return np.linalg.norm(a - np.array(COLOURS[colour], np.float64), axis=-1) < tol
+
+
+# ----------------------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_sample_different_seed_differs():
+    a, b = WORLD.sample(7, 3), WORLD.sample(7, 3)
+    assert a.caption == b.caption and a.attributes == b.attributes
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    imgs, caps, _ = WORLD.arrays(8, seed=7)
+    imgs2, caps2, _ = World().arrays(8, seed=7)
+    assert np.array_equal(imgs, imgs2) and caps == caps2
+    other, caps3, _ = WORLD.arrays(8, seed=8)
+    assert caps3 != caps and not np.array_equal(other, imgs)
+    # Index-addressable: sample 3 of a batch equals sample(seed, 3) alone.
+    assert np.array_equal(imgs[3], np.asarray(WORLD.sample(7, 3).image))
+    assert prior_prompts(20, seed=1) == prior_prompts(20, seed=1)
+
+
+# ---------------------------------------------------------------------------------------- ground truth
+
+
+def test_attributes_match_pixels():
+    n_checked = 0
+    for s in WORLD.samples(60, seed=11):
+        a = s.attributes
+        img = np.asarray(s.image)
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        # Background: the corner pixel is the stated background colour (shapes never reach the corners).
+        assert np.abs(img[0, 0].astype(int) - BACKGROUNDS[a.background]).max() <= 2
+        mask = _shape_mask(s.image, a.colour)
+        assert mask.sum() > 30
+        ys, xs = np.nonzero(mask)
+        cx, cy = xs.mean() + 0.5, ys.mean() + 0.5  # pixel centres
+        # The drawn centroid is the stated centre (shapes are centred on their centroid) within 1.5 px.
+        assert abs(cx - a.cx) < 1.5 and abs(cy - a.cy) < 1.5, (a, cx, cy)
+        # ... and the nearest position anchor is the stated position.
+        nearest = min(POSITIONS, key=lambda p: (POSITIONS[p][0] * 64 - cx) ** 2 + (POSITIONS[p][1] * 64 - cy) ** 2)
+        assert nearest == a.position
+        # Size: area ratio to the circumscribed circle is shape-dependent but a large shape is ≥ 2× a small one.
+        area_frac = mask.sum() / (np.pi * a.radius**2)
+        assert 0.25 < area_frac < 1.1, (a.shape, area_frac)
+        n_checked += 1
+    assert n_checked == 60
+
+
+def test_sizes_and_resolution_parameter():
+    small = WORLD.sample(0, 0, shape="square", colour="red", size="small", position="center")
+    large = WORLD.sample(0, 0, shape="square", colour="red", size="large", position="center")
+    assert _shape_mask(large.image, "red").sum() > 2 * _shape_mask(small.image, "red").sum()
+    w32 = World(WorldConfig(resolution=32))
+    s = w32.sample(0, 0, shape="circle", colour="blue", position="right")
+    assert s.image.size == (32, 32)
+    ys, xs = np.nonzero(_shape_mask(s.image, "blue"))
+    assert abs(xs.mean() + 0.5 - s.attributes.cx) < 1.0 and s.attributes.cx > 16
+
+
+def test_captions_state_exactly_the_mentioned_attributes():
+    for s in WORLD.samples(300, seed=5):
+        parsed = parse_prompt(s.caption)
+        a = s.attributes
+        assert parsed["shape"] == a.shape and parsed["colour"] == a.colour, s.caption
+        for name in ("size", "position", "background"):
+            if name in a.mentioned:
+                assert parsed.get(name) == getattr(a, name), (name, s.caption)
+            else:
+                assert name not in parsed, (name, s.caption)
+    wordings = {s.caption for s in WORLD.samples(200, seed=6, shape="circle", colour="red", position="left")}
+    assert len(wordings) > 30  # varied wording
+
+
+# -------------------------------------------------------------------------------------------- split
+
+
+def test_heldout_split_really_holds_out():
+    held = set(HELD_OUT_PAIRS)
+    seen = {(a.shape, a.colour) for a in (WORLD.prompt(3, i)[1] for i in range(3000))}
+    assert not seen & held
+    assert seen == {(s, c) for s in SHAPES for c in COLOURS} - held  # every other pair does occur
+    # Every shape and every colour still occurs in training.
+    assert {s for s, _ in seen} == set(SHAPES) and {c for _, c in seen} == set(COLOURS)
+    assert {(a.shape, a.colour) for _, a in heldout_prompts(50)} == held
+    assert {(WORLD.prompt(3, i, "heldout")[1].shape, WORLD.prompt(3, i, "heldout")[1].colour)
+            for i in range(200)} == held
+    for text in prior_prompts(500, seed=9):
+        p = parse_prompt(text)
+        assert (p["shape"], p["colour"]) not in held
+
+
+def test_bad_inputs():
+    with pytest.raises(NullBoothError, match="unknown split"):
+        WORLD.sample(0, 0, split="test")
+    with pytest.raises(NullBoothError, match="held-out pair"):
+        WorldConfig(held_out=(("hexagon", "red"),))
+    with pytest.raises(NullBoothError, match="≥ 16"):
+        WorldConfig(resolution=8)
+    with pytest.raises(NullBoothError, match="no pair matching"):
+        WORLD.sample(0, 0, split="train", shape="circle", colour="green")  # a held-out pair
+    with pytest.raises(NullBoothError, match="not a world value"):
+        WORLD.sample(0, 0, colour="teal")
+
+
+# ---------------------------------------------------------------------------------------------- subject
+
+
+def test_subject_instances_and_prompt_lists(tmp_path):
+    imgs = subject_instances(5)
+    assert len(imgs) == 5 and all(im.size == (64, 64) for im in imgs)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(imgs, subject_instances(5)))
+    for im in imgs:
+        a = np.asarray(im, np.float64)
+        teal = (np.linalg.norm(a - (0, 160, 160), axis=-1) < 40).sum()
+        pink = (np.linalg.norm(a - (250, 110, 185), axis=-1) < 40).sum()
+        assert teal > 15 and pink > 15  # both stripe colours are visible
+    assert len({np.asarray(im).tobytes() for im in imgs}) == 5  # varied views
+    assert all(SUBJECT.identifier in p and "star" in p for p in subject_prompts())
+    assert all(parse_prompt(p)["shape"] == "star" for p in class_prompts("star", 20))
+    files = write_prompt_lists(tmp_path, n_prior=30, n_eval=10)
+    lines = (tmp_path / "prior_prompts.txt").read_text().splitlines()
+    assert len(files) == 5 and len(lines) == 30 and lines == prior_prompts(30)
+
+
+# ------------------------------------------------------------------------------------------------ judge
+
+
+def test_judge_save_load_roundtrip_and_interface(tmp_path):
+    from nullbooth.judge import FeatureExtractor, Judge, JudgeConfig, load_feature_extractor
+
+    judge = Judge(JudgeConfig(widths=[8, 8, 8, 8], embed_dim=16))
+    imgs = [s.image for s in WORLD.samples(4, seed=0)]
+    emb = judge(imgs)
+    assert emb.shape == (4, 16) and emb.dtype == np.float64
+    assert isinstance(judge, FeatureExtractor)
+    judge.save(tmp_path / "j")
+    again = load_feature_extractor(tmp_path / "j")
+    # fp16 storage: embeddings agree to fp16 precision of the weights.
+    np.testing.assert_allclose(again(imgs), emb, rtol=0, atol=2e-2 * np.abs(emb).max())
+    pred = again.predict(imgs)
+    assert set(pred) == {"shape", "colour", "position", "size", "background", "pattern"}
+    with pytest.raises(NullBoothError, match="empty list"):
+        judge([])
+
+
+def test_shipped_judge_reads_world_attributes():
+    from nullbooth.judge import JUDGE_DIR, load_judge
+
+    if not (JUDGE_DIR / "judge.json").is_file():
+        pytest.skip("no shipped judge yet (python scripts/train_judge.py)")
+    judge = load_judge()
+    samples = list(WORLD.samples(150, seed=424242, split="all"))
+    pred = judge.predict([s.image for s in samples])
+    for name in ("shape", "colour", "position", "size", "background"):
+        acc = np.mean([p == getattr(s.attributes, name) for p, s in zip(pred[name], samples)])
+        assert acc >= 0.97, (name, acc)  # shipped judge: ≥ 98 % on 4000 augmented renders
+    assert judge.config.accuracy and min(v for k, v in judge.config.accuracy.items()) >= 0.98
+
+
+def test_feature_extractor_errors(tmp_path):
+    from nullbooth.judge import load_feature_extractor
+
+    with pytest.raises(NullBoothError, match="does not exist"):
+        load_feature_extractor(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NullBoothError, match="config.json"):
+        load_feature_extractor(tmp_path / "empty")
+    wrong = tmp_path / "bert"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(NullBoothError, match="'bert' model"):
+        load_feature_extractor(wrong)
+
+
+def test_hf_clip_and_dinov2_folders(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+    from nullbooth.judge import load_feature_extractor
+
+    imgs = [s.image for s in WORLD.samples(3, seed=1)]
+    clip_dir, dino_dir = tmp_path / "clip", tmp_path / "dino"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(clip_dir)
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=32, patch_size=8)).save_pretrained(dino_dir)
+    for folder in (clip_dir, dino_dir):
+        fx = load_feature_extractor(folder)
+        f = fx(imgs)
+        assert f.shape == (3, 32) and f.dtype == np.float64 and np.isfinite(f).all()
+        assert not np.allclose(f[0], f[1])
