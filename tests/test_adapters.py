@@ -255,6 +255,8 @@ def test_bases_from_run_warns_on_empty_null_space_and_refuses_other_layers(tiny_
     assert all(i["null_dim"] == 0 for i in info.values())
     with pytest.raises(NullBoothError, match="does not match"):
         bases_from_run(run_dir, cross_attention_layers(tiny_pipe2.unet))
+    with pytest.raises(NullBoothError, match="nullspace_mode"):
+        bases_from_run(run_dir, mode="bogus", threshold=1.0)
 
 
 def test_leakage_on_preserved_statistic_is_within_threshold_bound(unet, tiny_run, run_bases):
@@ -487,28 +489,32 @@ def test_projected_update_keeps_adamw_steps_inside_range_of_P():
     P = U @ U.T
     leave = torch.eye(d_in, dtype=torch.float64) - P
 
-    def train(project_update: bool) -> torch.Tensor:
+    def train(how: str, steps: int = 5) -> torch.Tensor:
         torch.manual_seed(1)
         layer = nn.Linear(d_in, d_out, bias=False)
         W0 = layer.weight.detach().clone()
         opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
-        for _ in range(5):
+        for _ in range(steps):
             x = torch.randn(16, d_in)
             loss = (layer(x) - torch.randn(16, d_out)).square().mean()
             opt.zero_grad()
             loss.backward()
-            if not project_update:  # the wrong way: project the gradient before Adam
+            if how == "gradient":  # the wrong way: project the gradient before Adam
                 layer.weight.grad @= P.float()
             old = layer.weight.detach().clone()
             opt.step()
-            if project_update:
+            if how == "step":
                 project_update_(layer.weight, old, P)
+            elif how == "from_W0":
+                project_update_(layer.weight, W0, P)
         return (layer.weight.detach() - W0).double()
 
-    delta = train(True)
+    delta = train("step")
     assert float(delta.norm()) > 1e-3
     assert float((delta @ leave).norm()) <= 1e-6 * float(delta.norm())
-    wrong = train(False)
+    # Re-projecting the total update from W₀ is the same map (W_old − W₀ already lies in range(P)).
+    assert torch.allclose(train("from_W0"), delta, atol=1e-6)
+    wrong = train("gradient")
     assert float((wrong @ leave).norm()) > 1e-2 * float(wrong.norm())  # Adam + decay leave the null space
 
 

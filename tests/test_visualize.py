@@ -6,6 +6,7 @@ import argparse
 import base64
 import io
 import json
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from nullbooth.capture import cross_attention_layers, record_inputs, record_time
 from nullbooth.collect import collect, make_plan
 from nullbooth.errors import NullBoothError
 from nullbooth.nullspace import null_dimension
-from nullbooth.store import layer_dirname, load_covariance_data, read_manifest, timestep_dirname
+from nullbooth.store import load_covariance_data, read_manifest, timestep_dirname
 from nullbooth.visualize import (
     comparison_grid, plot_covariance_summaries, register_cli, render_training_report, spectrum_in_mode_units,
     write_run_report,
@@ -40,8 +41,10 @@ def _sample(pipe, prompts, plan, observer=None, *, steps=2, capture=None):
     """Latents of ``prompts`` (fixed seeds); with an observer's context around the call, as collect() does."""
     generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     with record_timestep(pipe.unet) as timestep:
-        sink = (lambda layer, f, x: capture.setdefault((layer.name, f, timestep[0]), x.detach().clone())) if capture is not None else None
-        with record_inputs(plan.layers, ["q", "k"] if sink else [], sink or (lambda *a: None)):
+        def sink(layer, feature, x):
+            capture.setdefault((layer.name, feature, timestep[0]), x.detach().clone())
+
+        with record_inputs(plan.layers, ["q", "k"] if capture is not None else [], sink):
             ctx = observer.batch(pipe, plan, 0, prompts, timestep) if observer else torch.no_grad()
             with ctx:
                 return pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, generator=generators,
@@ -195,12 +198,11 @@ def test_heatmap_draws_the_stored_null_dims(pictured_run, tmp_path):
         np.testing.assert_array_equal(summary.null_dim[f], expected)
     saved = json.loads((tmp_path / "covariance_statistics.json").read_text())
     assert saved["null_space_dim"]["q"] == summary.null_dim["q"].tolist()
-    counts = {(r, f): n for r, f, n in [(l["name"], f, None) for l in manifest["layers"] for f in manifest["features"]]}
-    assert counts  # summed counts: q rows = prompts × 2 (CFG) × pixels × timesteps
-    i0 = 0
-    n_q = summary.summed_count["q"][i0]
-    assert n_q == 3 * 2 * 32 * 32 * 2
-    assert summary.summed_count["k"][i0] == 3 * 2 * 77
+    # Sample counts of layer 0 (32×32 latents): q rows = 3 prompts × 2 (CFG) × 1024 pixels × 2 timesteps;
+    # text rows = 3 prompts × 2 × 77 tokens (once, whatever the timesteps).
+    assert summary.summed_count["q"][0] == 3 * 2 * 32 * 32 * 2
+    assert summary.summed_count["k"][0] == summary.summed_count["v"][0] == 3 * 2 * 77
+    assert (summary.n_samples["q"][0] == 3 * 2 * 32 * 32).all()
 
 
 @pytest.mark.parametrize("mode,threshold", [("absolute", 1e-2), ("relative", 1e-3), ("energy", 1e-4),
@@ -291,12 +293,14 @@ def test_cli_visualize_writes_a_self_contained_report(pictured_run, tmp_path, ca
     assert len(_parse_html(out / "report.html").srcs) == 3 + len(manifest["layers"])
 
 
-def test_cli_visualize_needs_a_run(tmp_path, tiny_run):
+def test_cli_visualize_needs_a_run(tmp_path, pictured_run):
     with pytest.raises(NullBoothError, match="run directory|manifest"):
         _cli(["visualize", str(tmp_path)])
-    run, _ = tiny_run  # collected without attention maps
+    run = tmp_path / pictured_run[0].name  # a run collected without attention maps
+    shutil.copytree(pictured_run[0], run, ignore=shutil.ignore_patterns("visualizations"))
     with pytest.raises(NullBoothError, match="no saved attention maps"):
-        _cli(["visualize", str(run), "--out", str(tmp_path / "o"), "--attention-maps"])
+        _cli(["visualize", str(run), "--attention-maps"])
+    assert not (run / "visualizations").exists()  # refused before writing anything
 
 
 def test_training_report_and_comparison_grid(tmp_path):

@@ -29,14 +29,14 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
 from . import __version__
 from .capture import WEIGHT_OF_FEATURE, CrossAttentionLayer
-from .config import FEATURES
+from .config import FEATURES, NullspaceMode
 from .errors import NullBoothError
 from .nullspace import null_space
 from .stats import SecondMoment
@@ -51,6 +51,7 @@ ADAPTER_FORMAT_VERSION = 1
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 ORTHONORMAL_ATOL = 1e-4
 FEATURE_OF_WEIGHT: dict[str, str] = {w: f for f, w in WEIGHT_OF_FEATURE.items()}
+NULLSPACE_MODES: tuple[str, ...] = get_args(NullspaceMode)
 
 
 # --------------------------------------------------------------------------- names
@@ -353,6 +354,8 @@ def bases_from_run(run_dir: str | Path, layers: Sequence[CrossAttentionLayer | s
         )
     settings = manifest.get("nullbooth", {})
     mode = mode if mode is not None else settings.get("nullspace_mode", "absolute")
+    if mode not in NULLSPACE_MODES:
+        raise NullBoothError(f"nullspace_mode: expected one of {list(NULLSPACE_MODES)}, got {mode!r}")
     threshold = float(threshold if threshold is not None else settings.get("nullspace_threshold", 2e-2))
     run_layers = {entry["name"]: entry for entry in manifest["layers"]}
     run_features = list(manifest["features"])
@@ -430,10 +433,13 @@ def _warn_degenerate(info: Mapping[str, Mapping[str, Any]], mode: str, threshold
 def project_update_(param_new: torch.Tensor, param_old: torch.Tensor, P: torch.Tensor) -> None:
     """``W ← W_old + (W_new − W_old) P`` in place on ``param_new`` (the seed's ``Δ' = Δ P``).
 
-    Call it right *after* ``optimizer.step()`` with ``W_old`` the weight before the step: the whole
-    update (Adam's rescaled moments and decoupled weight decay included) is projected, so
-    ``W − W₀`` stays in ``{Δ : Δ = Δ P}`` step after step. Projecting the gradient before Adam does
-    not give this: Adam's per-coordinate scaling leaves the null space.
+    Call it right *after* ``optimizer.step()``: the whole update (Adam's rescaled moments and decoupled
+    weight decay included) is projected, so ``W − W₀`` stays in ``{Δ : Δ = Δ P}`` step after step.
+    Projecting the gradient before Adam does not give this: Adam's per-coordinate scaling leaves the
+    null space. ``param_old`` may be the weight before the step or — recommended — the original
+    weight ``W₀``: since ``W_old − W₀ = (W_old − W₀) P`` both give the same result in exact arithmetic,
+    but re-projecting the total update from ``W₀`` keeps float rounding from accumulating outside the
+    null space over many steps, and needs no per-step copy.
     """
     if param_new.shape != param_old.shape or param_new.ndim != 2:
         raise NullBoothError(

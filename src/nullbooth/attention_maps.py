@@ -401,15 +401,16 @@ def _clip(text: str, chars: int) -> str:
     return text if len(text) <= chars else text[: max(1, chars - 1)] + "…"
 
 
-def render_attention_maps(maps: AttentionMaps, vis_dir: Path, *, cell: int = 160) -> list[Path]:
+def render_attention_maps(maps: AttentionMaps, vis_dir: Path, *, cell: int = 160, progress: bool = True) -> list[Path]:
     """``vis_dir/timestep_XXXX/<layer_dir>.png`` for every recorded (layer, timestep)."""
+    from tqdm.auto import tqdm
+
+    todo = [(t, layer) for t in maps.timesteps for layer in maps.layers
+            if any((p, layer, t) in maps.maps for p in maps.prompts)]
     written = []
-    for t in maps.timesteps:
-        for layer in maps.layers:
-            if not any((p, layer, t) in maps.maps for p in maps.prompts):
-                continue
-            path = vis_dir / timestep_dirname(t) / f"{layer_dirname(layer)}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            attention_grid(maps, layer, t, cell=cell).save(path)
-            written.append(path)
+    for t, layer in tqdm(todo, desc="attention maps", unit="picture", leave=False, disable=not progress):
+        path = vis_dir / timestep_dirname(t) / f"{layer_dirname(layer)}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        attention_grid(maps, layer, t, cell=cell).save(path)
+        written.append(path)
     return written

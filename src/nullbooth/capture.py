@@ -30,7 +30,8 @@ class CrossAttentionLayer:
     module: nn.Module
 
     def linear(self, feature: str) -> nn.Linear:
-        return self.module.get_submodule(WEIGHT_OF_FEATURE[feature])
+        """The weight's ``nn.Linear`` (the wrapped one when an adapter wraps it: it receives the same input)."""
+        return _linear_at(self.module, WEIGHT_OF_FEATURE[feature])
 
     def in_features(self, feature: str) -> int:
         return self.linear(feature).in_features
@@ -66,9 +67,15 @@ def cross_attention_layers(unet: nn.Module, selection: str | Sequence[int] = "al
     return [found[i] for i in sorted(set(indices))]
 
 
+def _linear_at(module: nn.Module, path: str) -> nn.Linear:
+    found = module.get_submodule(path)
+    base = getattr(found, "base", None)  # adapter wrappers keep the original layer as ``base``
+    return base if not isinstance(found, nn.Linear) and isinstance(base, nn.Linear) else found
+
+
 def _has(module: nn.Module, path: str) -> bool:
     try:
-        return isinstance(module.get_submodule(path), nn.Linear)
+        return isinstance(_linear_at(module, path), nn.Linear)
     except AttributeError:
         return False
 

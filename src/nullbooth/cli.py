@@ -11,7 +11,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import NullBoothError
+# Quiet third-party import-time chatter (e.g. transformers' torchvision notice) before anything imports them.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from .errors import NullBoothError  # noqa: E402
 
 log = logging.getLogger("nullbooth")
 
@@ -129,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     _common(p)
     p.set_defaults(func=cmd_validate)
+
+    from . import generate, train, visualize
+
+    for module in (train, generate, visualize):
+        module.register_cli(sub)
     return parser
 
 
@@ -140,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default", UserWarning)
     for noisy in ("transformers", "diffusers", "httpx", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return args.func(args)
     except NullBoothError as err:

@@ -165,7 +165,10 @@ def inverse_covariance(C: Tensor | np.ndarray, *, dim: int | None = None,
     lam, V = torch.linalg.eigh(C)  # ascending eigenvalues λ, C = V diag(λ) Vᵀ
     lam_max = lam[-1].item()
     if lam_max <= 0:
-        raise NullBoothError(f"the covariance C has no positive eigenvalue (λ_max = {lam_max:.3g}); it is not a second moment")
+        raise NullBoothError(
+            f"the covariance C has no positive eigenvalue (λ_max = {lam_max:.3g}); "
+            "it is not a second moment"
+        )
     if eigenvalue_floor is not None:
         if not 0.0 < eigenvalue_floor < 1.0:
             raise NullBoothError(f"expected eigenvalue_floor in (0, 1) (relative to λ_max), got {eigenvalue_floor}")
@@ -193,7 +196,10 @@ def load_shipped_covariance() -> Tensor:
     Its overall scale is irrelevant: ``s`` is invariant to ``C → cC``.
     """
     if not SHIPPED_COVARIANCE.is_file():
-        raise NullBoothError(f"expected the shipped covariance at {SHIPPED_COVARIANCE}, found nothing; reinstall nullbooth")
+        raise NullBoothError(
+            f"expected the shipped covariance at {SHIPPED_COVARIANCE}, found nothing; "
+            "reinstall nullbooth"
+        )
     return torch.from_numpy(np.load(SHIPPED_COVARIANCE, allow_pickle=False)).to(torch.float64)
 
 
@@ -315,7 +321,10 @@ def default_covariance(pipe: Any, prompts: Sequence[str] | None = None, cache_di
 
         C = load_file(str(path))["C"]
         if C.shape != (width, width):
-            raise NullBoothError(f"cached covariance {path} has shape {tuple(C.shape)}, expected ({width}, {width}); delete it")
+            raise NullBoothError(
+                f"cached covariance {path} has shape {tuple(C.shape)}, expected ({width}, "
+                f"{width}); delete it"
+            )
         logger.info("loaded cached text covariance %s", path)
         return C
     stat = accumulate_text_second_moment(text_encoder, tokenizer, prompts, batch_size, tokens=tokens)
@@ -349,7 +358,10 @@ def loss_fn_weighted_by_mask(pred: Tensor, target: Tensor, mask: Tensor, normali
     ``normalized_mask_min_value`` are raised to it, so background keeps some loss.
     """
     if pred.shape != target.shape or pred.ndim != 4:
-        raise NullBoothError(f"expected pred and target of one shape [b, c, h, w], got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise NullBoothError(
+            "expected pred and target of one shape [b, c, h, w], "
+            f"got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     if mask.ndim == 4:
         if mask.shape[1] != 1:
             raise NullBoothError(f"expected a single-channel mask [b, 1, h, w], got {tuple(mask.shape)}")
@@ -419,12 +431,19 @@ def add_concept_token_(tokenizer: Any, text_encoder: nn.Module, concept_token: s
     sup_ids = superclass_token_ids(tokenizer, superclass)
     old = text_encoder.get_input_embeddings()
     if not isinstance(old, nn.Embedding):
-        raise NullBoothError(f"expected the text encoder's input embeddings to be an nn.Embedding, got {type(old).__name__}")
+        raise NullBoothError(
+            "expected the text encoder's input embeddings to be an nn.Embedding, "
+            f"got {type(old).__name__}"
+        )
     if tokenizer.add_tokens([concept_token]) != 1:
-        raise NullBoothError(f"the tokenizer refused to add {concept_token!r}; it already knows it -- pick another token")
+        raise NullBoothError(
+            f"the tokenizer refused to add {concept_token!r}; "
+            "it already knows it -- pick another token"
+        )
     token_id = int(tokenizer.convert_tokens_to_ids(concept_token))
     rows = max(token_id + 1, old.num_embeddings)
-    new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device, dtype=old.weight.dtype)
+    new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx,
+                       device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight[: old.num_embeddings].copy_(old.weight)
         new.weight[token_id].copy_(old.weight[list(sup_ids)].mean(0))
@@ -586,7 +605,10 @@ class PerfusionContext:
         last = output[0]
         found = [last]
         hidden_states = getattr(output, "hidden_states", None)
-        norm = getattr(getattr(module, "text_model", None), "final_layer_norm", None)
+        # transformers 5 keeps final_layer_norm on CLIPTextModel itself, 4.x under .text_model
+        norm = getattr(module, "final_layer_norm", None)
+        if norm is None:
+            norm = getattr(getattr(module, "text_model", None), "final_layer_norm", None)
         if hidden_states is not None and norm is not None:
             with torch.no_grad():
                 found += [norm(h) for h in hidden_states]
@@ -604,7 +626,8 @@ class PerfusionContext:
         present = hit.any(1)  # [B, K]
         positions = torch.where(present, hit.to(torch.uint8).argmax(1), torch.full_like(present, -1, dtype=torch.long))
         attention_mask = kwargs.get("attention_mask")
-        sup_ids, sup_mask, sup_pos = self._substitute(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu())
+        cpu_mask = None if attention_mask is None else attention_mask.cpu()
+        sup_ids, sup_mask, sup_pos = self._substitute(input_ids.cpu(), cpu_mask)
         call_kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")}
         if sup_mask is not None:
             call_kwargs["attention_mask"] = sup_mask.to(attention_mask.device)
@@ -659,7 +682,8 @@ class PerfusionContext:
             h = rec.hidden
             if h.shape[1:] != x.shape[1:]:
                 continue
-            if h.data_ptr() == xd.data_ptr() and h.shape == xd.shape and h.stride() == xd.stride() and h.dtype == xd.dtype:
+            same_storage = h.data_ptr() == xd.data_ptr() and h.dtype == xd.dtype
+            if same_storage and h.shape == xd.shape and h.stride() == xd.stride():  # the very tensor: every row
                 for r in range(b):
                     found.setdefault(r, (rec, r))
                 break
@@ -670,9 +694,10 @@ class PerfusionContext:
                     found[r] = (rec, j)
             if len(found) == b:
                 break
-        if not found:
+        # only rows that really hold a concept: the others must keep the exact F.linear output
+        rows = sorted(r for r, (rec, j) in found.items() if bool((rec.positions[j] >= 0).any()))
+        if not rows:
             return None
-        rows = sorted(found)
         positions = torch.stack([found[r][0].positions[found[r][1]].to(x.device) for r in rows])  # [r, K]
         super_at = torch.stack([found[r][0].super_at[found[r][1]].to(x.device) for r in rows])  # [r, K, d]
         active = positions >= 0
@@ -716,6 +741,12 @@ class PerfusionContext:
 # the rank-1 edit module
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 def _as_concept_ids(concept_id: int | tuple[int, ...], K: int) -> tuple[int, ...]:
     ids = (concept_id,) if isinstance(concept_id, int) else tuple(concept_id)
     if not ids or len(set(ids)) != len(ids) or any(not 0 <= c < K for c in ids):
@@ -737,6 +768,10 @@ class Rank1EditModule(nn.Module):
       ``i* ← decay·i* + (1−decay)·mean(e at the concept position)`` (Algorithm 1), with the straight-
       through gradient into the current concept encoding.
     * ``C_inv`` is a non-persistent buffer: it is never part of a saved state.
+    * ``frac_gradient_concept_embed`` scales the gradient flowing from the edited rows back into the
+      text encoder (hence the concept embedding); the forward value is unchanged. Under Adam a
+      constant gradient scale is nearly a no-op, so :meth:`PerfusionEditor.trainable_parameters`
+      also gives the embedding its own, lower learning rate.
 
     The wrapped ``weight`` is the same ``Parameter`` object as the original linear's (state-dict key
     unchanged); ``original_linear`` is kept for an exact undo.
@@ -766,13 +801,19 @@ class Rank1EditModule(nn.Module):
         if not isinstance(key_or_values_proj, nn.Linear):
             raise NullBoothError(f"expected an nn.Linear K/V projection, got {type(key_or_values_proj).__name__}")
         if key_or_values_proj.bias is not None:
-            raise NullBoothError("expected a bias-free K/V projection (a rank-1 edit of W e), got an nn.Linear with a bias")
+            raise NullBoothError(
+                "expected a bias-free K/V projection (a rank-1 edit of W e), "
+                "got an nn.Linear with a bias"
+            )
         if num_concepts < 1:
             raise NullBoothError(f"expected num_concepts >= 1, got {num_concepts}")
         if not 0.0 <= input_decay < 1.0:
             raise NullBoothError(f"expected input_decay in [0, 1), got {input_decay}")
         if train_temperature <= 0 or eval_temperature <= 0:
-            raise NullBoothError(f"expected gate temperatures > 0, got train {train_temperature}, eval {eval_temperature}")
+            raise NullBoothError(
+                f"expected gate temperatures > 0, got train {train_temperature}, "
+                f"eval {eval_temperature}"
+            )
         if not 0.0 < frac_gradient_concept_embed <= 1.0:
             raise NullBoothError(f"expected frac_gradient_concept_embed in (0, 1], got {frac_gradient_concept_embed}")
         self.weight = key_or_values_proj.weight  # the same Parameter: state-dict key "<proj>.weight" is unchanged
@@ -843,7 +884,10 @@ class Rank1EditModule(nn.Module):
             try:
                 L = torch.linalg.cholesky(self._C_inv_master)
             except RuntimeError:
-                raise NullBoothError("C⁻¹ has no Cholesky factor (C is not positive definite); use multi_concepts_use_cholesky=False") from None
+                raise NullBoothError(
+                    "C⁻¹ has no Cholesky factor (C is not positive definite); "
+                    "use multi_concepts_use_cholesky=False"
+                ) from None
             self._chol = L.to(self.C_inv.device)
         return self._chol.to(dtype)
 
@@ -854,7 +898,10 @@ class Rank1EditModule(nn.Module):
         ci = torch.as_tensor(concept_indices, device=text_enc.device).long()
         ci = ci[:, None] if ci.ndim == 1 else ci
         if ci.shape != (b, len(ids)) or (ci < 0).any() or (ci >= text_enc.shape[1]).any():
-            raise NullBoothError(f"expected concept_indices of shape ({b},) or ({b}, {len(ids)}) within the sequence, got {tuple(ci.shape)}")
+            raise NullBoothError(
+                f"expected concept_indices of shape ({b},) or ({b}, "
+                f"{len(ids)}) within the sequence, got {tuple(ci.shape)}"
+            )
         positions = torch.zeros(b, K, dtype=torch.long, device=text_enc.device)
         active = torch.zeros(b, K, dtype=torch.bool, device=text_enc.device)
         positions[:, list(ids)] = ci
@@ -862,7 +909,10 @@ class Rank1EditModule(nn.Module):
         sup = None
         if text_enc_with_superclass is not None:
             if text_enc_with_superclass.shape != text_enc.shape:
-                raise NullBoothError(f"expected text_enc_with_superclass of shape {tuple(text_enc.shape)}, got {tuple(text_enc_with_superclass.shape)}")
+                raise NullBoothError(
+                    f"expected text_enc_with_superclass of shape {tuple(text_enc.shape)}, "
+                    f"got {tuple(text_enc_with_superclass.shape)}"
+                )
             sup = text_enc_with_superclass.detach()[torch.arange(b, device=text_enc.device)[:, None], positions]  # [b, K, d]
             sup = sup * active[..., None]
         return RowPlan(torch.arange(b, device=text_enc.device), active, positions, sup)
@@ -906,7 +956,7 @@ class Rank1EditModule(nn.Module):
         counts = active.sum(0).clamp(min=1).to(dtype)  # [K]
         cur_mean = (cur * active[..., None]).sum(0) / counts[:, None]  # [K, i] mean over rows holding k
 
-        if self.training:
+        if self.training and not _in_backward():  # a checkpointed forward is re-run in backward: update once
             self._update_ema(cur_mean.detach(), present, plan, W)
         missing = present & ~self.initted
         if bool(missing.any()):
@@ -984,7 +1034,10 @@ class Rank1EditModule(nn.Module):
         self.ema_concept_text_encs[k] = i_star.to(self.ema_concept_text_encs)
         if not self.is_key_proj:
             if o_star is None or o_star.shape != (self.out_features,):
-                raise NullBoothError(f"expected o* of shape ({self.out_features},), got {None if o_star is None else tuple(o_star.shape)}")
+                raise NullBoothError(
+                    f"expected o* of shape ({self.out_features},), "
+                    f"got {None if o_star is None else tuple(o_star.shape)}"
+                )
             self.concept_outputs[k] = o_star.to(self.concept_outputs)
         self.initted[k] = True
 
@@ -1004,7 +1057,10 @@ def merge_rank1_edit_modules(*modules: Rank1EditModule, use_cholesky: bool = Fal
         if not bool(m.initted.all()):
             raise NullBoothError("all modules must be initialised (trained or loaded) before merging")
         if m.is_key_proj != first.is_key_proj:
-            raise NullBoothError("cannot merge key and value modules together; merge keys with keys, values with values")
+            raise NullBoothError(
+                "cannot merge key and value modules together; merge keys with keys, "
+                "values with values"
+            )
         if m.weight.shape != first.weight.shape or not (m.weight is first.weight or torch.equal(m.weight, first.weight)):
             raise NullBoothError("cannot merge modules that wrap different projection weights W")
         if not torch.allclose(m._C_inv_master, first._C_inv_master, rtol=1e-6, atol=0):
@@ -1045,7 +1101,10 @@ def make_key_value_proj_rank1_edit_modules_(cross_attention: nn.Module, *, C: Te
         if isinstance(lin, Rank1EditModule):
             raise NullBoothError(f"{name} is already a Rank1EditModule; remove the existing edit first")
         if not isinstance(lin, nn.Linear):
-            raise NullBoothError(f"expected {name} to be the nn.Linear K/V projection of the cross-attention, got {type(lin).__name__}")
+            raise NullBoothError(
+                f"expected {name} to be the nn.Linear K/V projection of the cross-attention, "
+                f"got {type(lin).__name__}"
+            )
         if lin.bias is not None:
             raise NullBoothError(f"expected a bias-free {name} (Perfusion edits W e), got a projection with a bias")
         linears[name] = lin
@@ -1082,9 +1141,15 @@ def find_cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def make_unet_rank1_edit_modules_(unet: nn.Module, *, C: Tensor | np.ndarray | None, layers: Sequence[str] | None = None,
-                                  context: PerfusionContext | None = None, eigenvalue_floor: float | Literal["auto"] | None = None,
-                                  **kwargs: Any) -> dict[str, tuple[Rank1EditModule, Rank1EditModule]]:
+def make_unet_rank1_edit_modules_(
+    unet: nn.Module,
+    *,
+    C: Tensor | np.ndarray | None,
+    layers: Sequence[str] | None = None,
+    context: PerfusionContext | None = None,
+    eigenvalue_floor: float | Literal["auto"] | None = None,
+    **kwargs: Any,
+) -> dict[str, tuple[Rank1EditModule, Rank1EditModule]]:
     """Wire every cross-attention K/V of ``unet`` (or the named ``layers``) in place; validates all first."""
     attns = find_cross_attention_layers(unet)
     if not attns:
@@ -1099,7 +1164,10 @@ def make_unet_rank1_edit_modules_(unet: nn.Module, *, C: Tensor | np.ndarray | N
         for proj in ("to_k", "to_v"):
             lin = getattr(attn, proj)
             if isinstance(lin, Rank1EditModule):
-                raise NullBoothError(f"{name}.{proj} already carries a rank-1 edit; call remove_unet_rank1_edit_modules_ first")
+                raise NullBoothError(
+                    f"{name}.{proj} already carries a rank-1 edit; "
+                    "call remove_unet_rank1_edit_modules_ first"
+                )
             if not isinstance(lin, nn.Linear) or lin.bias is not None:
                 raise NullBoothError(f"expected {name}.{proj} to be a bias-free nn.Linear, got {lin}")
             widths.add(lin.in_features)
@@ -1142,10 +1210,12 @@ def _wired_modules(unet: nn.Module) -> dict[str, tuple[Rank1EditModule, Rank1Edi
 
 @dataclasses.dataclass
 class PerfusionConcept:
-    """Everything one trained concept needs (and nothing model-sized): ≈100 KB for SD 1.5 in float32.
+    """Everything one trained concept needs (and nothing model-sized): 107 440 bytes for SD 1.5 in float32.
 
     ``i_star`` and ``o_star`` map each cross-attention layer name to ``i*`` (``[text_dim]``) and the
-    value output ``o*_V`` (``[layer width]``). Keys need nothing: they are locked to the superclass.
+    value output ``o*_V`` (``[layer width]``). Keys need no tensor: they are locked to the superclass
+    per prompt. A layer's K and V modules read the same encodings, so they share one ``i*``. No
+    ``C⁻¹`` is stored: it belongs to the base model (:func:`default_covariance`).
     """
 
     token: str
@@ -1236,7 +1306,10 @@ def load_concept(path: str | os.PathLike) -> PerfusionConcept:
     except Exception as err:  # safetensors raises its own error types for a corrupt header
         raise NullBoothError(f"could not read {path} as safetensors: {err}") from None
     if meta.get("format") != CONCEPT_FORMAT:
-        raise NullBoothError(f"{path} is not a Perfusion concept file (format {meta.get('format')!r}, expected {CONCEPT_FORMAT!r})")
+        raise NullBoothError(
+            f"{path} is not a Perfusion concept file (format {meta.get('format')!r}, "
+            f"expected {CONCEPT_FORMAT!r})"
+        )
     if int(meta.get("format_version", "0")) > CONCEPT_FORMAT_VERSION:
         raise NullBoothError(f"{path} has concept format version {meta['format_version']}, newer than this nullbooth "
                              f"({CONCEPT_FORMAT_VERSION}); upgrade nullbooth")
@@ -1259,7 +1332,9 @@ def concept_file_bytes(layer_widths: Mapping[str, int] | Sequence[int], text_dim
     """Exact size in bytes of a concept file for these layers (serialised with placeholder strings).
 
     Payload: ``(Σ widths + (layers + 1) · text_dim) · itemsize`` plus the safetensors header.
-    SD 1.5 (:data:`SD15_ATTN2_VALUE_WIDTHS`, text width 768): see ``concept_file_bytes(SD15_ATTN2_VALUE_WIDTHS, 768)``.
+    SD 1.5 (:data:`SD15_ATTN2_VALUE_WIDTHS`: 16 layers, Σ widths 12 480; text width 768): payload
+    ``(12 480 + 17 · 768) · 4 = 102 144`` bytes, file **107 440 bytes** in float32 and 56 360 bytes in
+    float16 (measured with safetensors 0.8; the JSON header is ≈5 KB).
     """
     from safetensors.torch import save
 
@@ -1341,7 +1416,10 @@ class PerfusionEditor:
             raise NullBoothError(f"two concept files use the same token ({tokens}); each concept needs its own token")
         gates = {(c.eval_beta, c.eval_temperature, c.train_beta, c.train_temperature) for c in concepts}
         if len(gates) > 1:
-            warnings.warn(f"concept files use different gate parameters {sorted(gates)}; using those of {paths[0]}", stacklevel=2)
+            warnings.warn(
+                f"concept files use different gate parameters {sorted(gates)}; "
+                f"using those of {paths[0]}", stacklevel=2,
+            )
         first = concepts[0]
         gate = dict(eval_beta=first.eval_beta, eval_temperature=first.eval_temperature, train_beta=first.train_beta,
                     train_temperature=first.train_temperature, input_decay=first.input_decay)
@@ -1373,8 +1451,14 @@ class PerfusionEditor:
         text_dim = text_encoder.config.hidden_size
         cross_dim = {a.to_k.in_features for a in find_cross_attention_layers(unet).values()}
         if cross_dim != {text_dim}:
-            raise NullBoothError(f"the UNet's cross-attention reads width {sorted(cross_dim)}, the text encoder gives {text_dim}")
+            raise NullBoothError(
+                f"the UNet's cross-attention reads width {sorted(cross_dim)}, "
+                f"the text encoder gives {text_dim}"
+            )
         # validate every input before the first mutation
+        unknown = sorted(set(layers or ()) - set(find_cross_attention_layers(unet)))
+        if unknown:
+            raise NullBoothError(f"unknown cross-attention layers {unknown[:3]}; see find_cross_attention_layers(pipe.unet)")
         for token, superclass in specs:
             _check_new_token(pipe.tokenizer, token)
             superclass_token_ids(pipe.tokenizer, superclass)
@@ -1438,7 +1522,8 @@ class PerfusionEditor:
                              weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer param groups: every value module's ``o*_V`` and the concept token embedding(s).
 
-        Nothing else requires grad while attached (W, keys, the rest of the model are frozen).
+        Nothing else requires grad while attached (W, keys, the rest of the model are frozen). The
+        default rates (o*_V 0.03, embedding 0.006) follow lucidrains' reading of the paper's two rates.
         """
         self._check()
         values = [v.concept_outputs for _, v in self.modules.values()]
@@ -1492,7 +1577,8 @@ class PerfusionEditor:
         pipe, undo = self.pipe, self._undo
         self.ctx.uninstall()
         remove_unet_rank1_edit_modules_(pipe.unet)
-        pipe.text_encoder.set_input_embeddings(undo["embedding"])
+        current = pipe.text_encoder.get_input_embeddings().weight  # follow any pipe.to(device/dtype) since attach
+        pipe.text_encoder.set_input_embeddings(undo["embedding"].to(device=current.device, dtype=current.dtype))
         pipe.text_encoder.config.vocab_size = undo["vocab_size"]
         pipe.tokenizer = undo["tokenizer"]
         for p, flag in undo["requires_grad"].values():

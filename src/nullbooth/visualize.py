@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import os
 import textwrap
 import time
 from collections.abc import Mapping, Sequence
@@ -156,7 +157,8 @@ def covariance_summary(run_dir: Path, *, summed: bool = True) -> CovarianceSumma
     return s
 
 
-def spectrum_in_mode_units(lam_desc: np.ndarray, mode: str, threshold: float) -> tuple[np.ndarray, np.ndarray, str, str, float]:
+def spectrum_in_mode_units(lam_desc: np.ndarray, mode: str, threshold: float
+                           ) -> tuple[np.ndarray, np.ndarray, str, str, float]:
     """``(x, y, xlabel, ylabel, line)``: a descending spectrum in the units where ``mode``'s threshold is a line.
 
     absolute: ``λ`` vs ``τ``; relative: ``λ/λ_max`` vs ``τ``; energy: the tail energy ``Σ_{j≥i} λ_j / Σλ`` vs
@@ -189,6 +191,15 @@ def _log_floor(y: np.ndarray) -> tuple[np.ndarray, float]:
     return np.maximum(y, floor), floor
 
 
+def _log_y(ax, numticks: int = 7) -> None:
+    """Log y axis with a few decades labelled (dense log ticks cost seconds of text layout per figure)."""
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(numticks=numticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
 def draw_spectra(ax, summary: CovarianceSummary, panel: str) -> None:
     """Summed-statistic spectra of every layer for one statistic; dots mark where the null space starts."""
     from matplotlib import colormaps
@@ -205,7 +216,8 @@ def draw_spectra(ax, summary: CovarianceSummary, panel: str) -> None:
         y, _ = _log_floor(y)
         k = int(summary.summed_null_dim[f][summary.layers.index(layer)])
         color = FEATURE_COLORS.get(panel) if len(layers) == 1 else cmap(i / max(len(layers) - 1, 1))
-        label = f"{'all layers' if len(layers) == 1 and panel in ('kv', 'k', 'v') else short_layer_name(layer)}: null {k}/{lam.size}"
+        who = "all layers" if panel in ("kv", "k", "v") else short_layer_name(layer)
+        label = f"{who}: null {k}/{lam.size}"
         ax.plot(x, y, color=color, lw=1.2, label=label)
         if k:
             ax.plot(x[lam.size - k], y[lam.size - k], "o", color=color, ms=4)
@@ -213,7 +225,7 @@ def draw_spectra(ax, summary: CovarianceSummary, panel: str) -> None:
         ax.axvline(line, color="red", ls="--", lw=1, label=f"threshold ({summary.mode} {summary.threshold:g})")
     else:
         ax.axhline(line, color="red", ls="--", lw=1, label=f"threshold τ = {summary.threshold:g} ({summary.mode})")
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"spectrum of C (summed over timesteps)\n{FEATURE_TITLES[panel]}", fontsize=9)
@@ -282,9 +294,10 @@ def draw_sample_counts(ax, summary: CovarianceSummary) -> None:
     for p_i, panel in enumerate(panels):
         f = _panel_feature(panel)
         x = np.arange(L) + (p_i - (len(panels) - 1) / 2) * width
-        bars = ax.bar(x, summary.summed_count[f], width, color=FEATURE_COLORS.get(panel), label=panel.replace("kv", "k, v"))
+        bars = ax.bar(x, summary.summed_count[f], width, color=FEATURE_COLORS.get(panel),
+                      label=panel.replace("kv", "k, v"))
         ax.bar_label(bars, labels=[f"{int(v):,}" for v in summary.summed_count[f]], fontsize=6, rotation=90, padding=2)
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xticks(range(L))
     ax.set_xticklabels([short_layer_name(l) for l in summary.layers], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("samples n (rows of x)")
@@ -311,14 +324,16 @@ def draw_timestep_spectra(ax, summary: CovarianceSummary, layer: str, feature: s
         ax.set_ylabel(ylabel, fontsize=7)
     if line is not None:
         (ax.axvline if summary.mode in ("rank", "percentile") else ax.axhline)(line, color="red", ls="--", lw=0.8)
-    ax.set_yscale("log")
+    _log_y(ax, 5)
     ax.set_title(f"{short_layer_name(layer)} · {feature}", fontsize=8)
     ax.tick_params(labelsize=6)
 
 
 def plot_covariance_summaries(run_dir: Path, out_dir: Path | None = None, *, dpi: int = 110
                               ) -> tuple[CovarianceSummary, dict[str, np.ndarray]]:
-    """Write ``covariance_statistics.png`` and companions into ``out_dir`` (default ``run/visualizations/covariance_summaries``).
+    """Write ``covariance_statistics.png`` and companions into ``out_dir``.
+
+    ``out_dir`` defaults to ``RUN/visualizations/covariance_summaries``.
 
     Companions: ``null_space_dim.png`` (annotated heatmaps), ``spectra_by_timestep.png`` and
     ``covariance_statistics.json`` (the numbers drawn). Returns the summary and, per feature, the array
@@ -369,15 +384,19 @@ def plot_covariance_summaries(run_dir: Path, out_dir: Path | None = None, *, dpi
         cells = [(layer, f) for layer in s.layers for f in per_t]
         ncols = min(4, len(cells))
         nrows = math.ceil(len(cells) / ncols)
-        fig = Figure(figsize=(3.4 * ncols + 1.2, 2.6 * nrows + 0.8), layout="constrained")
+        # A fixed grid (no layout engine): constrained layout costs seconds per dozen panels.
+        fig_w, fig_h = 3.4 * ncols + 1.4, 2.6 * nrows + 1.0
+        fig = Figure(figsize=(fig_w, fig_h))
+        fig.subplots_adjust(left=0.8 / fig_w, right=1 - 1.3 / fig_w, top=1 - 0.6 / fig_h, bottom=0.55 / fig_h,
+                            wspace=0.35, hspace=0.45)
         axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
         for ax, (layer, f) in zip(axes, cells):
             draw_timestep_spectra(ax, s, layer, f)
         for ax in axes[len(cells):]:
             ax.axis("off")
         sm = ScalarMappable(Normalize(min(s.timesteps), max(s.timesteps)), colormaps["plasma_r"])
-        fig.colorbar(sm, ax=axes.tolist(), label="timestep", shrink=0.6)
-        fig.supxlabel(spectrum_in_mode_units(np.ones(2), s.mode, s.threshold)[2])
+        fig.colorbar(sm, cax=fig.add_axes((1 - 0.95 / fig_w, 0.2, 0.15 / fig_w, 0.6)), label="timestep")
+        fig.supxlabel(spectrum_in_mode_units(np.ones(2), s.mode, s.threshold)[2], y=0.1 / fig_h, fontsize=9)
         fig.suptitle(f"per-timestep spectra (metadata singular_values); red: {s.mode} threshold {s.threshold:g}",
                      fontsize=10)
         fig.savefig(out_dir / "spectra_by_timestep.png", dpi=dpi)
@@ -389,11 +408,14 @@ def plot_covariance_summaries(run_dir: Path, out_dir: Path | None = None, *, dpi
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;color:#222;
+padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}tr.warn td{background:#fff3cd}
-figure{display:inline-block;margin:.5em;vertical-align:top;max-width:100%}figure img{max-width:100%;border:1px solid #eee}
+figure{display:inline-block;margin:.5em;vertical-align:top;max-width:100%}
+figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.8em;color:#555;max-width:60em}pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.8em}
 .muted{color:#777;font-size:.85em}details{margin:.4em 0}summary{cursor:pointer;font-weight:600}
 """
@@ -467,9 +489,11 @@ def html_page(title: str, sections: Sequence[str], subtitle: str = "") -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    from .store import _atomic
-
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    """Write through a temporary file and rename, so a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
@@ -515,8 +539,9 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None, *, max_attentio
     rows = inspect_run(run_dir)
     warn = [r["null_dim"] == 0 or r["null_dim"] == r["dim"] for r in rows]
     sections.append(
-        f"<h2>Null spaces (nullbooth inspect)</h2><p class='muted'>timestep-summed statistics, {html.escape(str(nb.get('nullspace_mode')))} "
-        f"threshold {html.escape(str(nb.get('nullspace_threshold')))}; highlighted rows: empty null space (nothing can be "
+        "<h2>Null spaces (nullbooth inspect)</h2><p class='muted'>timestep-summed statistics, "
+        f"{html.escape(str(nb.get('nullspace_mode')))} threshold {html.escape(str(nb.get('nullspace_threshold')))}; "
+        "highlighted rows: empty null space (nothing can be "
         "learned) or the whole space (nothing is protected)</p>" + html_table(rows, warn=warn))
 
     summaries = out_dir / SUMMARIES_DIR
@@ -524,7 +549,8 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None, *, max_attentio
         summaries = vis / SUMMARIES_DIR
     pngs = sorted(summaries.glob("*.png"), key=lambda p: (p.name != "covariance_statistics.png", p.name))
     captions = {
-        "covariance_statistics.png": "Overview. Top: eigenvalue spectra of the timestep-summed second moments (log scale, "
+        "covariance_statistics.png": "Overview. Top: eigenvalue spectra of the timestep-summed second moments "
+        "(log scale, "
         "threshold dashed, dots where the null space starts). Middle: null-space dimension per layer and timestep "
         "(stored metadata). Bottom: null dims of the summed statistics vs input width; sample counts.",
         "null_space_dim.png": "Null-space dimension per layer × timestep, from each matrix's null_space_dim.",
@@ -553,7 +579,8 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None, *, max_attentio
         sections.append("<h2>Attention maps</h2>" + intro + "".join(blocks))
 
     # Anything else a user or another tool put under visualizations/ (not the run's own pictures, shown above).
-    others = [p for p in sorted(vis.rglob("*.png")) if p.relative_to(vis).parts[0] not in (SUMMARIES_DIR, "attention_maps")
+    others = [p for p in sorted(vis.rglob("*.png"))
+              if p.relative_to(vis).parts[0] not in (SUMMARIES_DIR, "attention_maps")
               and not p.relative_to(vis).parts[0].startswith("timestep_")]
     if others:
         sections.append("<h2>Other pictures</h2>" + "".join(html_figure(p, str(p.relative_to(vis))) for p in others))
@@ -572,14 +599,14 @@ def visualize_run(run_dir: Path, out_dir: Path | None = None, *, attention_maps:
     run_dir = Path(run_dir)
     vis = run_dir / "visualizations"
     out_dir = Path(out_dir) if out_dir is not None else vis
+    from .attention_maps import MAPS_DIR, AttentionMaps, render_attention_maps
+
+    raw = vis / MAPS_DIR
+    if attention_maps and not (raw / "index.json").is_file():
+        raise NullBoothError(f"{run_dir} has no saved attention maps ({raw}); collect with "
+                             "nullbooth.visual_attention_map: true to record them")
     plot_covariance_summaries(run_dir, out_dir / SUMMARIES_DIR)
     if attention_maps:
-        from .attention_maps import MAPS_DIR, AttentionMaps, render_attention_maps
-
-        raw = vis / MAPS_DIR
-        if not (raw / "index.json").is_file():
-            raise NullBoothError(f"{run_dir} has no saved attention maps ({raw}); collect with "
-                                 "nullbooth.visual_attention_map: true to record them")
         render_attention_maps(AttentionMaps.load(raw), out_dir)
     return write_run_report(run_dir, out_dir, max_attention_timesteps=max_attention_timesteps)
 
