@@ -29,9 +29,10 @@ from nullbooth.adapters import load_adapter
 from nullbooth.config import check_training, config_from_dict, load_config
 from nullbooth.data import image_to_tensor, load_examples
 from nullbooth.errors import NullBoothError
+from nullbooth.generate import load_personalization
 from nullbooth.models import load_pipeline
 from nullbooth.store import load_summed_statistics
-from nullbooth.train import format_report, register_cli, train
+from nullbooth.train import class_examples, format_report, register_cli, train
 
 RES = 16  # image size: 8×8 latents keep a training step well under a second on two CPU cores
 THRESHOLD = 1e-2  # relative: null directions have λ < 1e-2 λ_max
@@ -49,6 +50,15 @@ def subject_images(folder: Path, n: int = 3) -> Path:
         a[stripes], a[~stripes] = (0, 160, 160), (250, 110, 185)
         Image.fromarray(a).save(folder / f"subject_{i}.png")
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small train faster on one intra-op thread (and much faster when other jobs share the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +97,8 @@ def trained(world):
     for name, method, update in [("adapter", "nullbooth", "adapter"), ("projected", "nullbooth", "projected"),
                                  ("dreambooth", "dreambooth", "adapter")]:
         heldout = str(world["heldout"]) if name == "adapter" else None
-        cfg = make_cfg(world, name, method=method, nullbooth_update=update, heldout_prompts=heldout)
+        cfg = make_cfg(world, name, method=method, nullbooth_update=update, heldout_prompts=heldout,
+                       gradient_checkpointing=name == "projected")
         report = train(cfg, pipe=load_pipeline("tiny-sd"), progress=False)
         out[name] = (Path(cfg.output_dir), report)
     return out
@@ -180,6 +191,10 @@ def test_lora_export_loaded_by_plain_diffusers_equals_our_adapter(trained):
     via_lora.load_lora_weights(str(dfolder))
     a, b = unet_out(full, prompt), unet_out(via_lora, prompt)
     assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+    # `nullbooth generate` picks the unet/ folder of a dreambooth output.
+    generated = load_pipeline("tiny-sd")
+    assert load_personalization(generated, dfolder) == "dreambooth"
+    assert torch.equal(unet_out(generated, prompt), a)
 
 
 def interrupt_after(pipe, calls: int):
@@ -297,6 +312,31 @@ def test_images_of_any_mode_and_size_become_rgb_squares():
     assert torch.allclose(image_to_tensor(palette, RES)[2], torch.ones(RES, RES))  # blue channel
 
 
+def test_class_images_from_the_collection_runs_generations(world, tmp_path):
+    """A run that kept its generations supplies prior-preservation examples, each with the prompt that made it."""
+    import hashlib
+
+    run = tmp_path / "run_20260101_000000"
+    (run / "generations").mkdir(parents=True)
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (24, 24), colour).save(run / "generations" / f"{i:06d}.png")
+    prompts = write_prompts(tmp_path / "p.txt", ["a red thing", "a green thing", "a blue thing"])
+    manifest = {"format": "nullbooth-run", "prompts_file": str(prompts),
+                "identity": {"prompts_sha256": hashlib.sha256("\n".join(["a red thing", "a green thing",
+                                                                          "a blue thing"]).encode()).hexdigest()}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    cfg = make_cfg(world, "cls", with_prior_preservation=True, num_class_images=2)
+    examples = class_examples(cfg, None, None, run, RES)  # neither model nor accelerator is needed on this path
+    assert [e.prompt for e in examples] == ["a red thing", "a green thing"]
+    assert torch.allclose(examples[1].pixels[1], torch.full((RES, RES), 128 / 127.5 - 1), atol=1e-6)  # green
+    # The run's prompt file changed: its generations no longer have known prompts, so the class images come
+    # from <output_dir>/class_images (already full here, so nothing is generated) with the class prompt.
+    prompts.write_text("edited prompts\n")
+    subject_images(Path(cfg.output_dir) / "class_images", 2)
+    examples = class_examples(cfg, None, None, run, RES)
+    assert [e.prompt for e in examples] == [cfg.class_prompt] * 2
+
+
 def test_config_problems_are_reported_together(tmp_path):
     cfg = config_from_dict({"class_prompt": "a photo of dog", "with_prior_preservation": True,
                             "instance_prompt": "a photo of dog"})
@@ -323,7 +363,7 @@ def test_resume_from_nowhere_fails_before_loading_anything(world):
 def test_statistics_run_of_another_model_or_without_null_space(world, trained, tiny_pipe2):
     run = trained["adapter"][1]["stats_run"]
     cfg = make_cfg(world, "other", nullbooth={"stats_run": run})
-    with pytest.raises(NullBoothError, match="collected on a model with layer"):
+    with pytest.raises(NullBoothError, match="weight shapes .* the run is from a different model"):
         train(cfg, pipe=tiny_pipe2, progress=False)
     # absolute threshold 0: no eigenvalue is below it, so no weight has a null space.
     cfg = make_cfg(world, "empty", nullbooth={"stats_run": run, "nullspace_mode": "absolute", "nullspace_threshold": 0.0})

@@ -76,6 +76,10 @@ class NullBoothBlock(_Block):
     keep_timestep_sums: bool = Field(False, description="also keep exact float64 per-timestep sums (large) for exact per-timestep merges")
     stats_run: str | None = Field(None, description="train from this run directory instead of finding/collecting one "
                                   "under cov_matrices_output_dir")
+    storage: Literal["float32", "float16", "eigh"] = Field(
+        "float32", description="per-timestep matrices: float32 .npy (seed layout) | float16 .npy | eigh: top eigenpairs "
+        "by energy + the exact null-space basis (safetensors); summed float64 statistics are never compressed")
+    storage_energy: float = Field(0.9999, gt=0.0, le=1.0, description="storage 'eigh': fraction of Σλ the kept eigenpairs hold")
 
     @field_validator("cross_attention_layers")
     @classmethod
@@ -115,6 +119,52 @@ class GenerateBlock(_Block):
     def _some_seed(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("expected at least one seed")
+        return v
+
+
+class PerfusionBlock(_Block):
+    """``method: perfusion`` (Tewel et al. 2023, key-locked rank-1 editing) and its concept files at generation.
+
+    Only read when ``method: perfusion`` (training) or when concept files are generated from.
+    """
+
+    concept_token: str | None = Field(None, description="the new token the concept binds to, e.g. '<my-teddy>'; must "
+                                      "not exist in the vocabulary and must occur in instance_prompt")
+    superclass: str | None = Field(None, description="the word the keys are locked to, e.g. 'teddy' "
+                                   "('teddy bear' works)")
+    value_lr: float | None = Field(None, gt=0.0, description="lr of o*_V; default: learning_rate, else 0.03 (paper)")
+    embedding_lr: float | None = Field(None, gt=0.0, description="lr of the concept token embedding; default: "
+                                       "value_lr / 5 (0.006 with the paper's 0.03)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay of o*_V and the embedding (adam_weight_decay is "
+                                "not used: it would pull o*_V towards 0, not towards its superclass start)")
+    train_beta: float = Field(0.75, description="gate bias β while training (eq. 3)")
+    train_tau: float = Field(0.1, gt=0.0, description="gate temperature τ while training")
+    eval_beta: float | None = Field(None, description="gate β at inference; train: stored in the concept file (default "
+                                    "0.70); generate: overrides the files' value")
+    eval_tau: float | None = Field(None, gt=0.0, description="gate τ at inference (default 0.15); like eval_beta")
+    input_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay of the concept input i*")
+    frac_gradient_concept_embed: float = Field(0.1, gt=0.0, le=1.0, description="gradient scale from the edited rows "
+                                               "into the text encoder")
+    mask_dir: str | None = Field(None, description="one mask per instance image (same file stem, same size); the loss "
+                                 "is weighted by it (loss_fn_weighted_by_mask)")
+    normalized_mask_min_value: float = Field(0.0, ge=0.0, le=1.0, description="loss weight floor outside the mask")
+    covariance_file: str | None = Field(None, description="the text-encoding second moment C [d, d] (.npy, or "
+                                        ".safetensors with key 'C'); default: shipped for SD 1.x, else computed")
+    covariance_prompts: str | None = Field(None, description="prompt file C is computed from (cached); default: a "
+                                           "built-in generic list")
+    eigenvalue_floor: float | Literal["auto"] | None = Field(
+        "auto", description="regularise a singular C: eigenvalues ≥ floor·λ_max; 'auto': only when singular (with a "
+        "warning); null: refuse a singular C")
+    concepts: list[str] = Field(default_factory=list, description="generate: more concept files to load (several: "
+                                "multi-concept generation)")
+    use_cholesky: bool = Field(False, description="generate with several concepts: the exact C⁻¹-orthogonal "
+                               "projection (Appendix B) instead of the sum approximation")
+
+    @field_validator("eigenvalue_floor")
+    @classmethod
+    def _floor(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError(f"expected 'auto', null or a fraction of λ_max in (0, 1), got {v}")
         return v
 
 
@@ -167,8 +217,8 @@ class Config(_Block):
     heldout_steps: int = Field(2, ge=1, description="sampling steps recorded for the held-out features")
     # -- blocks
     nullbooth: NullBoothBlock = NullBoothBlock()
-    # Slot for the Perfusion strategy (nullbooth.perfusion validates its own keys when it is registered).
-    perfusion: dict[str, Any] = Field(default_factory=dict)
+    # method: perfusion (nullbooth.perfusion_method); generate reads its gate and concept keys.
+    perfusion: PerfusionBlock = PerfusionBlock()
     generate: GenerateBlock = GenerateBlock()
 
     @field_validator("resolution")

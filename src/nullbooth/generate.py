@@ -3,7 +3,8 @@
 What a training ``output_dir`` holds decides how it is loaded: a nullbooth adapter
 (``adapter_config.json`` + ``nullbooth_adapter.safetensors``) is injected exactly; a dreambooth
 ``unet/`` folder replaces the UNet; a diffusers LoRA (``pytorch_lora_weights.safetensors``, ours or
-anyone's) goes through plain ``pipe.load_lora_weights``. ``compare_base`` samples the base model
+anyone's) goes through plain ``pipe.load_lora_weights``; Perfusion concept files (with ``--concept``
+for more, ``--beta``/``--tau`` for the gate) are attached by :mod:`nullbooth.perfusion_method`. ``compare_base`` samples the base model
 first with the same seeds and writes both rows into one captioned picture.
 """
 
@@ -18,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, load_adapter
-from .config import Config, load_config
+from .config import Config, PerfusionBlock, load_config
 from .errors import NullBoothError
 from .prompts import read_prompt_file
 from .store import read_json
@@ -64,10 +65,12 @@ def captioned_rows(rows: Sequence[tuple[str, Sequence[Image.Image]]], title: str
     return canvas
 
 
-def load_personalization(pipe, path: str | Path) -> str:
-    """Apply the trained result in ``path`` to ``pipe`` in place; returns what it was (nullbooth/dreambooth/lora)."""
+def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | None = None) -> str:
+    """Apply the trained result in ``path`` to ``pipe`` in place; returns what it was
+    (nullbooth / dreambooth / lora / perfusion). ``perfusion`` carries the gate overrides and extra concept files."""
     path = Path(path)
-    if not path.exists():
+    perfusion = perfusion or PerfusionBlock()
+    if not path.exists() and not perfusion.concepts:
         raise NullBoothError(f"adapter: expected a training output folder at {path}, found nothing; pass --adapter DIR "
                              "(the output_dir of `nullbooth train`)")
     folder = path if path.is_dir() else path.parent
@@ -86,10 +89,14 @@ def load_personalization(pipe, path: str | Path) -> str:
     if lora.is_file():
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
         return "lora"
-    # >>> PERFUSION SLOT: a concept file (nullbooth.perfusion.load_concept / PerfusionEditor.load) is recognised here.
+    from .perfusion_method import load_perfusion_personalization
+
+    if load_perfusion_personalization(pipe, path, perfusion) is not None:  # concept files here and/or --concept
+        return "perfusion"
     raise NullBoothError(
         f"adapter: {path} holds no nullbooth adapter ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}), no dreambooth unet/ "
-        f"folder and no diffusers LoRA ({LORA_WEIGHTS}); point --adapter at a training output_dir"
+        f"folder, no diffusers LoRA ({LORA_WEIGHTS}) and no Perfusion concept file; point --adapter at a training "
+        "output_dir"
     )
 
 
@@ -133,7 +140,7 @@ def generate(cfg: Config, *, pipe=None) -> list[Path]:
     size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     base = [sample(pipe, p, g.seeds, size, g.num_inference_steps, g.guidance_scale) for p in prompts] \
         if g.compare_base else []
-    kind = load_personalization(pipe, adapter_dir)
+    kind = load_personalization(pipe, adapter_dir, cfg.perfusion)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, prompt in enumerate(prompts):
@@ -155,7 +162,8 @@ def generate(cfg: Config, *, pipe=None) -> list[Path]:
 GENERATE_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed", "adapter": "generate.adapter",
                   "prompt": "generate.prompts", "prompts": "generate.prompts_file", "seeds": "generate.seeds",
                   "steps": "generate.num_inference_steps", "guidance": "generate.guidance_scale",
-                  "out": "generate.out_dir", "compare_base": "generate.compare_base"}
+                  "out": "generate.out_dir", "compare_base": "generate.compare_base",
+                  "concept": "perfusion.concepts", "beta": "perfusion.eval_beta", "tau": "perfusion.eval_tau"}
 
 
 def _seeds(text: str) -> list[int]:
@@ -191,5 +199,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default <adapter>/samples)")
     p.add_argument("--compare-base", dest="compare_base", action="store_true",
                    help="also sample the base model and write both side by side")
+    p.add_argument("--concept", action="append", help="another Perfusion concept file (repeatable: several concepts)")
+    p.add_argument("--beta", type=float, help="Perfusion gate bias β at inference (lower: more of the concept)")
+    p.add_argument("--tau", type=float, help="Perfusion gate temperature τ at inference")
     p.set_defaults(func=cmd_generate)
     return p

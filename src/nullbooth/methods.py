@@ -9,12 +9,12 @@ like with like:
   and projects the whole optimizer update after each step, ``W ← W₀ + (W − W₀) P``.
 - ``dreambooth`` the same weights, unconstrained (the baseline users compare against).
 - ``lora``       peft LoRA ``ΔW = (α/r) B A`` on the same modules (the other baseline).
-- ``perfusion``  slot: registered by :mod:`nullbooth.perfusion` (see :func:`make_method`).
+- ``perfusion``  key-locked rank-1 edits, registered by :mod:`nullbooth.perfusion_method`.
 
 The loop only talks to :class:`Method`: ``prepare`` (mutate the pipeline, return optimizer
-parameter groups), ``context`` (entered around the loop), ``encode_prompt``, ``after_step``,
-``checkpoint_state``/``load_checkpoint_state``, ``weight_changes`` (for the leakage report),
-``report`` and ``save``.
+parameter groups), ``context`` (entered around the loop), ``encode_prompt``, ``loss`` (the instance
+term), ``after_step``, ``checkpoint_state``/``load_checkpoint_state``, ``weight_changes`` (for the
+leakage report), ``report`` and ``save``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapters import (
@@ -90,6 +91,10 @@ class Method:
         with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
             return text_encoder(input_ids)[0]
 
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """The instance loss of the batch's instance examples ``idx`` (DreamBooth: plain MSE; Perfusion may mask it)."""
+        return F.mse_loss(pred, target.float())
+
     def after_step(self) -> None:
         """Called after every optimizer step (the projected update lives here)."""
 
@@ -147,10 +152,10 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def make_method(cfg: Config) -> Method:
     if cfg.method not in METHODS:
-        # >>> PERFUSION SLOT: nullbooth.perfusion registers its strategy (a Method subclass, name = "perfusion",
-        # built on PerfusionEditor) with @register_method when imported. Until it does, say so clearly.
+        # Strategies living in other modules register themselves (@register_method) when imported:
+        # method: perfusion is nullbooth.perfusion_method.Perfusion, built on PerfusionEditor.
         with contextlib.suppress(ImportError):
-            from . import perfusion  # noqa: F401
+            from . import perfusion_method  # noqa: F401
     if cfg.method not in METHODS:
         raise NullBoothError(
             f"method: {cfg.method!r} is not available in this version (available: {', '.join(sorted(METHODS))}); "

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -59,18 +59,22 @@ RESUME_KEYS = ("method", "nullbooth_update", "lora_rank", "seed", "train_batch_s
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True) -> dict[str, Any]:
+def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train ``cfg.method`` on the instance images; write the result and the report to ``cfg.output_dir``.
 
     Returns the report (also written to ``train_report.json``). ``pipe`` (a loaded base pipeline) and
     ``accelerator`` may be passed in, e.g. by tests and benchmarks; otherwise they are created here.
+    ``on_step(step, loss)`` is called after every optimizer step (loggers, benchmarks).
     """
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     check_training(cfg)
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    # Without CUDA, accelerate only runs several processes (torchrun / accelerate launch) when told to use the CPU.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_cpu)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     output_dir = Path(cfg.output_dir)
     resume_dir = find_checkpoint(output_dir, cfg.resume_from_checkpoint)  # fail before loading anything
@@ -78,6 +82,7 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True) ->
         from .models import load_pipeline
 
         pipe = load_pipeline(cfg.pretrained_model_name_or_path, device=accelerator.device)
+    pipe.to(accelerator.device)
     resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     method = make_method(cfg)
     instance = load_examples(cfg.instance_data_dir, cfg.instance_prompt, resolution, "instance_data_dir")
@@ -92,11 +97,13 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True) ->
     param_groups = method.prepare(pipe, stats_run)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    # The VAE is frozen: each image's q(z | x) is computed once. So is each prompt's encoding when the
+    # text encoder is frozen too (the method says); otherwise the loop encodes the token ids.
     inst_mean, inst_std = latent_distributions(pipe.vae, instance)  # [N, 4, h, w] each
-    inst_ids = tokenize(pipe.tokenizer, [e.prompt for e in instance]).to(accelerator.device)  # [N, 77]
+    inst_text = prompt_inputs(method, pipe, [e.prompt for e in instance])  # [N, 77] ids or [N, 77, d] encodings
     if classes:
         cls_mean, cls_std = latent_distributions(pipe.vae, classes)
-        cls_ids = tokenize(pipe.tokenizer, [e.prompt for e in classes]).to(accelerator.device)
+        cls_text = prompt_inputs(method, pipe, [e.prompt for e in classes])
     optimizer = torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -127,11 +134,11 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True) ->
             for micro in range(accum):
                 m = step * accum + micro  # micro-step index: the batch order is a function of it alone
                 idx = batch_indices(len(instance), B, m, rank, world, cfg.seed)
-                mean, std, ids = inst_mean[idx], inst_std[idx], inst_ids[idx]  # [B, 4, h, w], …, [B, 77]
+                mean, std, prompt = inst_mean[idx], inst_std[idx], inst_text[idx]  # [B, 4, h, w], …, [B, 77(, d)]
                 if classes:
                     cidx = batch_indices(len(classes), B, m, rank, world, cfg.seed + 1)
                     mean, std = torch.cat([mean, cls_mean[cidx]]), torch.cat([std, cls_std[cidx]])  # [2B, 4, h, w]
-                    ids = torch.cat([ids, cls_ids[cidx]])  # [2B, 77]
+                    prompt = torch.cat([prompt, cls_text[cidx]])  # [2B, 77(, d)]
                 eps = torch.randn(mean.shape, generator=generator, device=mean.device)
                 latents = (mean + std * eps) * scaling  # a fresh sample of q(z | image), as encode() would draw
                 noise = torch.randn(latents.shape, generator=generator, device=latents.device)  # ε
@@ -145,15 +152,15 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True) ->
                 # Gradients are all-reduced only on the last micro-step of an accumulation.
                 with accelerator.no_sync(unet) if micro < accum - 1 else nullcontext():
                     with accelerator.autocast():
-                        text = method.encode_prompt(text_encoder, ids)  # [bsz, 77, d]
+                        text = method.encode_prompt(text_encoder, prompt) if method.trains_text_encoder else prompt
                         pred = unet(noisy, t, text).sample.float()  # [bsz, 4, h, w]
                     if classes:  # DreamBooth eq. 2: instance loss + λ · prior-preservation loss
                         pred, pred_prior = pred.chunk(2)
                         target, target_prior = target.chunk(2)
-                        loss = F.mse_loss(pred, target.float()) + cfg.prior_loss_weight * F.mse_loss(
+                        loss = method.loss(pred, target, idx) + cfg.prior_loss_weight * F.mse_loss(
                             pred_prior, target_prior.float())
                     else:
-                        loss = F.mse_loss(pred, target.float())
+                        loss = method.loss(pred, target, idx)
                     accelerator.backward(loss / accum)
                 step_loss += accelerator.reduce(loss.detach(), "mean") / accum
             if not torch.isfinite(step_loss):
@@ -168,6 +175,8 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True) ->
             step_seconds.append(time.perf_counter() - tick)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(step, losses[-1])
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
                 save_checkpoint(output_dir, step, losses, cfg, method, optimizer, lr_scheduler, generator, accelerator)
             if cfg.validation_prompt and main and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
@@ -220,11 +229,15 @@ def statistics_run(cfg: Config, pipe, accelerator, *, create: bool, progress: bo
     from .collect import collect, find_run, make_plan
 
     if create:
-        # The main process collects (or reuses, or resumes); the others then find the complete run.
-        with accelerator.main_process_first():
-            return collect(cfg, pipe=pipe, progress=progress and accelerator.is_main_process)
+        # Every process calls collect (it shares the sampling out under torchrun / accelerate launch and
+        # returns the same run everywhere); a matching complete run is reused, a partial one resumed.
+        return collect(cfg, pipe=pipe, progress=progress and accelerator.is_main_process)
     plan = make_plan(cfg, pipe, read_prompt_file(nb.original_knowledge_prompts))
-    return find_run(Path(nb.cov_matrices_output_dir), plan.key, complete=True)
+    run = find_run(Path(nb.cov_matrices_output_dir), plan.key, complete=True)
+    if run is None:
+        log.info("no complete statistics run of this model and prompts under %s: the report leaves out the leakage "
+                 "on preserved features (run `nullbooth collect` first to get it)", nb.cov_matrices_output_dir)
+    return run
 
 
 def class_examples(cfg: Config, pipe, accelerator, stats_run: Path | None, resolution: int,
@@ -265,6 +278,15 @@ def run_prompts(run_dir: Path) -> list[str] | None:
         return None
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     return prompts if digest == manifest["identity"].get("prompts_sha256") else None
+
+
+def prompt_inputs(method: Method, pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids ``[N, 77]`` when the method trains the text encoder, else the (fixed) encodings ``[N, 77, d]``."""
+    ids = tokenize(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
+    if method.trains_text_encoder:
+        return ids
+    with torch.no_grad():
+        return torch.cat([method.encode_prompt(pipe.text_encoder, ids[i:i + 16]) for i in range(0, len(ids), 16)])
 
 
 @torch.no_grad()
@@ -453,9 +475,14 @@ def validate(cfg: Config, pipe, output_dir: Path, step: int, resolution: int) ->
 
     generators = [torch.Generator(device=pipe.unet.device).manual_seed(cfg.seed + i)
                   for i in range(cfg.num_validation_images)]
-    images = pipe([cfg.validation_prompt] * cfg.num_validation_images, height=resolution, width=resolution,
-                  num_inference_steps=cfg.generate.num_inference_steps, guidance_scale=cfg.generate.guidance_scale,
-                  generator=generators).images
+    training = pipe.unet.training
+    pipe.unet.eval()  # inference: e.g. Perfusion's i* EMA must not move while sampling
+    try:
+        images = pipe([cfg.validation_prompt] * cfg.num_validation_images, height=resolution, width=resolution,
+                      num_inference_steps=cfg.generate.num_inference_steps,
+                      guidance_scale=cfg.generate.guidance_scale, generator=generators).images
+    finally:
+        pipe.unet.train(training)
     path = output_dir / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(path)
