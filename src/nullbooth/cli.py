@@ -47,16 +47,6 @@ COLLECT_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed", "prom
                  "output": "nullbooth.cov_matrices_output_dir", "steps": "nullbooth.num_denoising_steps"}
 
 
-def cmd_collect(args: argparse.Namespace) -> int:
-    from .collect import collect
-    from .config import load_config
-
-    cfg = load_config(args.config, _overrides(args, COLLECT_FLAGS))
-    run_dir = collect(cfg, fresh=args.fresh)
-    print(run_dir)
-    return 0
-
-
 def _model_check(args: argparse.Namespace, run_dir: Path) -> None:
     if args.model or args.config:
         from .config import load_config
@@ -118,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="nullbooth.cov_matrices_output_dir")
     p.add_argument("--steps", type=int, help="nullbooth.num_denoising_steps")
     p.add_argument("--fresh", action="store_true", help="start a new run even if a matching one exists")
-    p.set_defaults(func=cmd_collect)
+    from .scale_cli import add_collect_arguments, cmd_collect as scale_collect
+
+    add_collect_arguments(p)  # --extend RUN_DIR, --prompt-offset N, --storage MODE
+    p.set_defaults(func=scale_collect)
 
     p = sub.add_parser("inspect", help="table of dimensions, null dimensions and spectra of a run (or a .npy matrix)")
     p.add_argument("target", help="a run directory or a .npy second-moment matrix")
@@ -133,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_validate)
 
-    from . import generate, train, visualize
+    from . import generate, scale_cli, train, visualize
 
-    for module in (train, generate, visualize):
+    for module in (train, generate, visualize, scale_cli):
         module.register_cli(sub)
     return parser
 

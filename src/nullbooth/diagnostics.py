@@ -13,7 +13,7 @@ from .config import NullspaceMode
 from .errors import NullBoothError
 from .nullspace import null_dimension, spectrum, validate_covariance
 from .store import (
-    layer_dirname, load_covariance_data, load_npy, load_summed_statistics, read_manifest, timestep_dirname,
+    layer_dirname, load_covariance_data, matrix_file, load_npy, load_summed_statistics, read_manifest, timestep_dirname,
 )
 
 MODES: tuple[NullspaceMode, ...] = ("absolute", "relative", "energy", "rank", "percentile")
@@ -91,7 +91,7 @@ def validate_run(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 except NullBoothError as err:
                     problems.append(str(err))
                     continue
-                path = Path(run_dir) / timestep_dirname(t) / layer_dirname(layer["name"]) / f"{feature}_covariance.npy"
+                path = matrix_file(run_dir, t, layer["name"], feature)
                 inode = (path.stat().st_dev, path.stat().st_ino)
                 checks = seen.get(inode) or validate_covariance(data["covariance"])
                 seen[inode] = checks

@@ -65,6 +65,13 @@ class SecondMoment:
         mu = self.mean_sum / self.count
         return self.moment() - torch.outer(mu, mu)
 
+    def to(self, device: torch.device | str) -> "SecondMoment":
+        """Move the sums to ``device`` (in place; returns ``self``)."""
+        self.sum = self.sum.to(device)
+        if self.mean_sum is not None:
+            self.mean_sum = self.mean_sum.to(device)
+        return self
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"sum": self.sum.cpu(), "count": torch.tensor(self.count, dtype=torch.int64)}
         if self.mean_sum is not None:

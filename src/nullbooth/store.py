@@ -4,15 +4,18 @@
 
     <cov_matrices_output_dir>/run_YYYYMMDD_HHMMSS/
         manifest.json                         what produced the run (model fingerprint, config, prompts hash, status)
+        prompts.txt                           the run's prompts, one per line, in sample order
         timestep_XXXX/<layer with . → _>/     the seed's files, float32 .npy + JSON
             {q,k,v,out}_covariance.npy        C = Σxxᵀ / n at that timestep
             {q,k,v,out}_projection.npy        P = ÛÛᵀ (omitted when the null space is empty)
             {q,k,v,out}_metadata.json         original_shape, n_samples, feature_dim, null_space_dim,
                                               singular_values, nullspace_threshold (+ additions)
+            {q,k,v,out}_eig.safetensors       instead of the two .npy files under storage "eigh" (compress.py)
         stats/summed.safetensors              float64 Σxxᵀ and n summed over timesteps: what training uses
-        stats/timestep_sums.safetensors       (optional) exact float64 per-timestep sums
+        stats/timestep_sums/timestep_XXXX.safetensors   (optional) exact float64 per-timestep sums
         visualizations/                       pictures, when enabled
-        .partial/checkpoint.safetensors       resumable collection state; gone once the run is complete
+        .partial/checkpoint.safetensors       resumable collection state (one shard; checkpoint.rank{r}.safetensors
+                                              per shard of a distributed run); gone once the run is complete
 
 The text features (inputs of ``to_k``/``to_v``) are identical for every layer and timestep, so their
 files are written once and hard-linked everywhere else: the layout is unchanged for readers, the
@@ -166,12 +169,26 @@ def load_covariance_data(timestep: int, layer_name: str, feature_type: str, base
             f"no matrices for timestep {timestep}, layer {layer_name} under {base_dir}; "
             f"the run has {len(available)} timestep folders ({', '.join(available[:3])}{', …' if len(available) > 3 else ''})"
         )
-    projection_path = layer_dir / f"{feature_type}_projection.npy"
-    return {
-        "covariance": load_npy(layer_dir / f"{feature_type}_covariance.npy"),
-        "projection": load_npy(projection_path) if projection_path.exists() else None,
-        "metadata": read_json(layer_dir / f"{feature_type}_metadata.json", "a metadata file"),
-    }
+    metadata = read_json(layer_dir / f"{feature_type}_metadata.json", "a metadata file")
+    from .compress import clean_projector, read_matrix
+
+    decoded = read_matrix(layer_dir, feature_type)  # storage "eigh"
+    if decoded is not None:
+        covariance, projection = decoded
+    else:
+        projection_path = layer_dir / f"{feature_type}_projection.npy"
+        covariance = load_npy(layer_dir / f"{feature_type}_covariance.npy")
+        projection = load_npy(projection_path) if projection_path.exists() else None
+        if projection is not None and projection.dtype == np.float16:
+            projection = clean_projector(projection)  # a rounded projector is not idempotent; return the nearest one
+    return {"covariance": covariance, "projection": projection, "metadata": metadata}
+
+
+def matrix_file(run_dir: str | os.PathLike, timestep: int, layer_name: str, feature: str) -> Path:
+    """The file holding one stored matrix (its ``.npy`` covariance, or the ``eigh`` file of a compressed run)."""
+    folder = Path(run_dir) / timestep_dirname(timestep) / layer_dirname(layer_name)
+    eig = folder / f"{feature}_eig.safetensors"
+    return eig if eig.exists() else folder / f"{feature}_covariance.npy"
 
 
 # --------------------------------------------------------------------------- runs
@@ -242,3 +259,142 @@ def load_summed_statistics(run_dir: Path) -> dict[tuple[str, str], SecondMoment]
                 raise NullBoothError(f"{run_dir}: summed statistics lack {key}; the run is incomplete or corrupt")
             out[(layer["name"], feature)] = stats[key]
     return out
+
+
+# --------------------------------------------------------------------------- whole runs (extend / merge)
+
+
+PROMPTS_FILE = "prompts.txt"
+TIMESTEP_SUMS_DIR = Path("stats") / "timestep_sums"
+OLD_TIMESTEP_SUMS = Path("stats") / "timestep_sums.safetensors"
+
+
+def write_run_prompts(run_dir: Path, prompts: list[str]) -> None:
+    _atomic(Path(run_dir) / PROMPTS_FILE, lambda tmp: Path(tmp).write_text("\n".join(prompts) + "\n", encoding="utf-8"))
+
+
+def read_run_prompts(run_dir: Path, manifest: Mapping[str, Any] | None = None) -> list[str]:
+    """The prompts a run sampled, in order: its ``prompts.txt``, else its ``prompts_file`` when the hash still matches."""
+    import hashlib
+
+    manifest = manifest or read_manifest(run_dir)
+    expected = manifest.get("identity", {}).get("prompts_sha256")
+    candidates = [Path(run_dir) / PROMPTS_FILE]
+    if manifest.get("prompts_file"):
+        candidates.append(Path(manifest["prompts_file"]))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if hashlib.sha256("\n".join(prompts).encode()).hexdigest() == expected:
+            return prompts
+    raise NullBoothError(
+        f"{run_dir}: cannot find the prompts this run was collected on (no {PROMPTS_FILE} in the run and "
+        f"{manifest.get('prompts_file')!r} is missing or changed); restore that prompt file to extend or merge the run"
+    )
+
+
+def save_timestep_sums(run_dir: Path, timestep: int, stats: Mapping[str, SecondMoment], metadata: Mapping[str, str]) -> None:
+    """Exact float64 sums of one timestep (``layer/feature`` keys): one file per timestep, so writers can stream."""
+    save_statistics(Path(run_dir) / TIMESTEP_SUMS_DIR / f"{timestep_dirname(timestep)}.safetensors", stats, metadata)
+
+
+def load_timestep_sums(run_dir: Path, timestep: int) -> dict[str, SecondMoment] | None:
+    """The exact float64 sums of one timestep when the run kept them (either file layout), else ``None``."""
+    path = Path(run_dir) / TIMESTEP_SUMS_DIR / f"{timestep_dirname(timestep)}.safetensors"
+    if path.is_file():
+        return load_statistics(path)[0]
+    old = Path(run_dir) / OLD_TIMESTEP_SUMS
+    if old.is_file():  # one file for all timesteps, keys "timestep_XXXX/<layer>/<feature>::part": read lazily
+        from safetensors import safe_open
+
+        prefix = f"{timestep_dirname(timestep)}/"
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(str(old), "pt") as fh:
+            for name in fh.keys():
+                if name.startswith(prefix):
+                    key, _, part = name[len(prefix):].rpartition("::")
+                    grouped.setdefault(key, {})[part] = fh.get_tensor(name)
+        return {key: SecondMoment.from_state_dict(parts) for key, parts in grouped.items()} if grouped else None
+    return None
+
+
+def has_timestep_sums(run_dir: Path, timesteps: list[int]) -> bool:
+    return all((Path(run_dir) / TIMESTEP_SUMS_DIR / f"{timestep_dirname(t)}.safetensors").is_file() for t in timesteps) \
+        or (Path(run_dir) / OLD_TIMESTEP_SUMS).is_file()
+
+
+class RunData:
+    """A complete run opened for extension or merging: exact summed statistics, prompts, per-timestep sums.
+
+    Per-timestep sums are exact (float64) when the run kept them (``nullbooth.keep_timestep_sums``);
+    otherwise they are rebuilt as ``C_t · n_t`` from the stored matrices: per entry within float32
+    rounding (2⁻²⁴ relative) for the default storage, within the recorded ``reconstruction_rel_error``
+    for compressed storage. The timestep-summed statistics (what training uses) are always exact.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir)
+        self.manifest = read_manifest(self.path)
+        if self.manifest.get("status") != "complete":
+            raise NullBoothError(
+                f"{self.path} is not a complete run (status {self.manifest.get('status')!r}); finish it with "
+                "`nullbooth collect` (it resumes) before extending or merging it"
+            )
+        self.identity: dict[str, Any] = self.manifest["identity"]
+        self.key: str = self.manifest["key"]
+        self.layers: list[str] = [layer["name"] for layer in self.manifest["layers"]]
+        self.features: list[str] = list(self.manifest["features"])
+        self.timesteps: list[int] = [int(t) for t in self.manifest["timesteps"]]
+        self.summed, meta = load_statistics(self.path / "stats" / "summed.safetensors")
+        self.shapes: dict[str, list[int]] = json.loads(meta["shapes"]) if "shapes" in meta else {}
+        self.exact_timesteps = has_timestep_sums(self.path, self.timesteps)
+
+    @property
+    def text(self) -> SecondMoment | None:
+        return self.summed.get(TEXT_KEY)
+
+    def prompts(self) -> list[str]:
+        return read_run_prompts(self.path, self.manifest)
+
+    def segments(self) -> list[dict[str, int]]:
+        """``[{start, n, seed}]``: sample ``i`` of a segment used prompt index ``start + i`` and seed ``seed + start + i``."""
+        return self.identity.get("prompt_segments") or [
+            {"start": 0, "n": int(self.identity["n_prompts"]), "seed": int(self.identity["seed"])}]
+
+    def segment_parts(self) -> list[tuple[dict[str, int], list[str]]]:
+        prompts, parts, at = self.prompts(), [], 0
+        for seg in self.segments():
+            parts.append((dict(seg), prompts[at:at + seg["n"]]))
+            at += seg["n"]
+        return parts
+
+    def next_index(self) -> int:
+        """The first prompt index no segment uses: where an extension's prompts start."""
+        return max(seg["start"] + seg["n"] for seg in self.segments())
+
+    def timestep(self, t: int) -> dict[str, SecondMoment]:
+        """``{layer/feature: Σ xxᵀ, n}`` of q/out at timestep ``t`` (exact, or rebuilt from the stored matrices)."""
+        exact = load_timestep_sums(self.path, t) if self.exact_timesteps else None
+        if exact is not None:
+            return exact
+        out: dict[str, SecondMoment] = {}
+        for layer in self.layers:
+            for feature in self.features:
+                if feature in ("k", "v"):
+                    continue
+                data = load_covariance_data(t, layer, feature, self.path)
+                n = int(data["metadata"]["n_samples"])
+                C = torch.from_numpy(np.asarray(data["covariance"], dtype=np.float64))
+                stat = SecondMoment(C.shape[0])
+                stat.sum.copy_(C * n)
+                stat.count = n
+                out[stat_key(layer, feature)] = stat
+        return out
+
+    def reconstruction_error(self) -> float:
+        """The largest relative error of the per-timestep sums :meth:`timestep` returns (0 when exact)."""
+        if self.exact_timesteps:
+            return 0.0
+        report = self.manifest.get("storage_report", {})
+        return max(2.0 ** -24, float(report.get("max_reconstruction_rel_error", 0.0)))  # float32 rounding at least
