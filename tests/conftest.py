@@ -32,6 +32,20 @@ def tiny_pipe2():
     return load_pipeline("tiny-sd2")
 
 
+def subject_images(folder: Path, sizes=((20, 24), (24, 24), (28, 24))) -> Path:
+    """Striped teal/pink squares at odd sizes (a personalisation subject), one PNG per size."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        a = np.zeros((h, w, 3), np.uint8)
+        stripes = (np.add.outer(np.arange(h), np.arange(w)) // 3) % 2 == 0
+        a[stripes], a[~stripes] = (0, 160, 160), (250, 110, 185)
+        Image.fromarray(a).save(folder / f"subject_{i}.png")
+    return folder
+
+
 def write_prompts(path: Path, prompts=PROMPTS) -> Path:
     path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     return path

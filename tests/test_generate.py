@@ -24,13 +24,6 @@ RES = 16
 PROMPT = "a photo of sks dog"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):

@@ -44,14 +44,6 @@ FLOOR = 1e-6  # the tiny text encoder's untrained final LayerNorm makes C rank d
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine two threads make eigh/linear ~100× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def base_pipe():

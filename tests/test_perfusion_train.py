@@ -30,6 +30,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from conftest import subject_images
 from safetensors.torch import load_file
 
 from nullbooth import perfusion_method  # noqa: F401  registers method "perfusion"
@@ -45,7 +46,7 @@ from nullbooth.perfusion import (
 from nullbooth.perfusion_method import (
     CONCEPT_FILE, PERFUSION_CONFIG, Perfusion, find_concept_files, load_masks, perfusion_generation,
 )
-from nullbooth.train import register_cli, train
+from nullbooth.train import train
 
 RES = 16  # 8×8 latents: a step well under a second on two busy CPU cores
 TOKEN, SUPER = "<sks-toy>", "teddy"  # "teddy" is one CLIP token
@@ -53,24 +54,6 @@ TOKEN2, SUPER2 = "<sks-bear>", "teddy bear"  # a two-token superclass on purpose
 EXACT = 1e-6  # "equal up to float32 round-off" where the same float32 ops may run in another order
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def subject_images(folder: Path, sizes=((20, 24), (28, 24), (24, 32))) -> Path:
-    """Striped teal/pink squares at odd sizes (the subject)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (w, h) in enumerate(sizes):
-        a = np.zeros((h, w, 3), np.uint8)
-        stripes = (np.add.outer(np.arange(h), np.arange(w)) // 3) % 2 == 0
-        a[stripes], a[~stripes] = (0, 160, 160), (250, 110, 185)
-        Image.fromarray(a).save(folder / f"subject_{i}.png")
-    return folder
 
 
 def half_masks(folder: Path, images: Path, resize: dict[int, tuple[int, int]] | None = None) -> Path:
@@ -98,7 +81,7 @@ def base_pipe():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, base_pipe):
     tmp = tmp_path_factory.mktemp("perfusion_train")
-    instance = subject_images(tmp / "instance")
+    instance = subject_images(tmp / "instance", ((20, 24), (28, 24), (24, 32)))
     prompts = [f"a photo of a {w}" for w in ("dog", "cat", "teddy", "teddy bear", "car", "tree", "boat", "bird")]
     prompts += [f"a painting of a {w} in the snow" for w in ("horse", "chair", "river", "robot", "flower", "lamp")]
     C = calculate_input_covariance(base_pipe, prompts)  # [128, 128] float64

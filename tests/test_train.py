@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_prompts
+from conftest import subject_images, write_prompts
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -38,27 +38,6 @@ RES = 16  # image size: 8×8 latents keep a training step well under a second on
 THRESHOLD = 1e-2  # relative: null directions have λ < 1e-2 λ_max
 PRIOR = ["a red circle on the left", "a small blue square", "a photo of a dog", "a green triangle at the top"]
 HELDOUT = ["a yellow star", "a dog on a beach"]
-
-
-def subject_images(folder: Path, n: int = 3) -> Path:
-    """A striped teal/pink square at odd sizes (the subject), as PNGs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        w, h = 20 + 4 * i, 24
-        a = np.zeros((h, w, 3), np.uint8)
-        stripes = (np.add.outer(np.arange(h), np.arange(w)) // 3) % 2 == 0
-        a[stripes], a[~stripes] = (0, 160, 160), (250, 110, 185)
-        Image.fromarray(a).save(folder / f"subject_{i}.png")
-    return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small train faster on one intra-op thread (and much faster when other jobs share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +311,7 @@ def test_class_images_from_the_collection_runs_generations(world, tmp_path):
     # The run's prompt file changed: its generations no longer have known prompts, so the class images come
     # from <output_dir>/class_images (already full here, so nothing is generated) with the class prompt.
     prompts.write_text("edited prompts\n")
-    subject_images(Path(cfg.output_dir) / "class_images", 2)
+    subject_images(Path(cfg.output_dir) / "class_images", ((20, 24), (24, 24)))
     examples = class_examples(cfg, None, None, run, RES)
     assert [e.prompt for e in examples] == [cfg.class_prompt] * 2
 

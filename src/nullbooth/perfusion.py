@@ -46,7 +46,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import tempfile
