@@ -221,3 +221,31 @@ def test_hf_clip_and_dinov2_folders(tmp_path):
         f = fx(imgs)
         assert f.shape == (3, 32) and f.dtype == np.float64 and np.isfinite(f).all()
         assert not np.allclose(f[0], f[1])
+
+
+# ---------------------------------------------------------------------------------------- shipped model
+
+
+def test_shipped_world_model_loads_with_plain_diffusers():
+    from pathlib import Path
+
+    import torch
+
+    import nullbooth
+
+    folder = Path(nullbooth.__file__).parent / "data" / "models" / "tiny-sd"
+    if not (folder / "model_index.json").is_file():
+        pytest.skip("no shipped tiny-sd yet (python scripts/train_world_model.py)")
+    from diffusers import StableDiffusionPipeline
+
+    size = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    assert size <= 25 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # no dtype: every part must come back float32
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    assert pipe.text_encoder.config.hidden_size >= 128
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["a red circle on the left"], num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    info = json.loads((folder / "nullbooth_world_model.json").read_text())
+    assert info["quality_gate"]["heldout"]["shape_and_colour"] >= 0.8

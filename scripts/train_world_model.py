@@ -1,0 +1,546 @@
+#!/usr/bin/env python
+"""Train the shipped base model ``tiny-sd`` from scratch on the shapes world (``nullbooth.world``).
+
+A Stable-Diffusion-architecture pipeline (AutoencoderKL, UNet2DConditionModel with cross-attention,
+CLIPTextModel with the real CLIP tokenizer) built by ``nullbooth.models.build_tiny_pipeline`` and trained
+in three stages inside one time budget (CPU time of this process by default, see ``Clock``):
+
+1. VAE: reconstruction (L1 + MSE) with a small KL term, on world images including striped/dotted shapes
+   so the personalisation subject's texture is encodable although the base world never captions it.
+2. Latents: a fixed set of world images is encoded once (posterior mean and std); ``scaling_factor`` is
+   set to 1/std of the latents, as Stable Diffusion does.
+3. UNet + text encoder: the standard ε-prediction loss (Ho et al. 2020, Eq. 14)
+   ``E_{t, z0, ε} ‖ε − ε_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, τ_θ(y))‖²`` with Min-SNR-γ weighting
+   (Hang et al. 2023), 10 % caption dropout for classifier-free guidance, captions re-drawn on every
+   presentation, and an EMA of the weights. After ``--text-frac`` of the stage the text encoder is frozen.
+
+Then it saves an fp16 diffusers folder (plain ``StableDiffusionPipeline.from_pretrained`` loads it) and
+measures the quality gate with the judge (``nullbooth.judge``): the fraction of generations for held-out
+shape × colour prompts whose shape and colour the judge reads as prompted.
+
+    python scripts/train_world_model.py --minutes 55            # the shipped model (≈ 1 h on 1 CPU thread)
+    python scripts/train_world_model.py --smoke                  # 1-minute end-to-end check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nullbooth.models import TinyArch, build_tiny_pipeline
+from nullbooth.world import (ACCENT_COLOURS, World, WorldConfig, heldout_prompts, prior_prompts,
+                             write_prompt_lists)
+
+log = logging.getLogger("train_world_model")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "src" / "nullbooth" / "data" / "models" / "tiny-sd"
+
+# 64×64 images, VAE factor 4 → 16×16×4 latents; attention at 16×16 and 8×8 (1 and 2 heads of width 32).
+# diffusers' `attention_head_dim` is the number of heads for UNet2DConditionModel.
+WORLD_ARCH = TinyArch(
+    text_hidden=128, text_layers=4, text_heads=4,
+    unet_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=2, use_linear_projection=False,
+    vae_channels=(16, 32, 64), latent_size=16, seed=0,
+)
+
+
+# GroupNorm group size: build_tiny_pipeline uses min(channels[0], 32) groups, i.e. one channel per group at
+# the first level here. A one-channel group normalises away each channel's spatial mean, which is exactly
+# what encodes a flat colour, so the VAE decoder could not reproduce background/shape colours (measured:
+# every reconstruction came out brownish). Eight groups keep 2–8 channels per group.
+NORM_GROUPS = 8
+
+
+def build_world_pipeline(arch: TinyArch = WORLD_ARCH, norm_groups: int = NORM_GROUPS):
+    """``build_tiny_pipeline(arch)`` with the UNet and VAE rebuilt at ``norm_groups`` GroupNorm groups."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    pipe = build_tiny_pipeline(arch)
+    torch.manual_seed(arch.seed)
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "norm_num_groups": norm_groups})
+    vae = AutoencoderKL.from_config({**pipe.vae.config, "norm_num_groups": norm_groups})
+    pipe.register_modules(unet=unet, vae=vae)
+    return pipe
+
+
+class Clock:
+    """The training budget, shared by the stages, in seconds of this process's CPU time (``--clock cpu``,
+    default) or of wall-clock time (``--clock wall``).
+
+    CPU time makes the budget independent of other load on a shared machine: with ``--threads 1`` on an
+    idle machine the two agree; on a busy one the same amount of computation simply takes longer.
+    """
+
+    def __init__(self, minutes: float, kind: str = "cpu") -> None:
+        self.now = time.process_time if kind == "cpu" else time.monotonic
+        self.kind = kind
+        self.t0 = self.now()
+        self.total = minutes * 60.0
+
+    def elapsed(self) -> float:
+        return self.now() - self.t0
+
+    def deadline(self, fraction_of_total: float) -> float:
+        """An absolute deadline (on this clock) ``fraction_of_total`` of the budget from now, capped at the end."""
+        return min(self.now() + fraction_of_total * self.total, self.t0 + self.total)
+
+
+# --------------------------------------------------------------------------------------------- stage 1: VAE
+
+
+def world_batch(world: World, rng: np.random.Generator, n: int, pattern_world: World,
+                crop: int | None = None) -> torch.Tensor:
+    """``n`` fresh renders in [-1, 1], ``[n, 3, S, S]``; 30 % striped/dotted for the VAE's sake.
+
+    With ``crop``, each image is cut to ``crop × crop`` around its shape (± a quarter crop), so the
+    expensive full-resolution decoder layers train on the informative part at a fraction of the cost.
+    """
+    imgs = []
+    res = world.config.resolution
+    for _ in range(n):
+        w = pattern_world if rng.random() < 0.3 else world
+        attrs = w.sample_attributes(rng, "all")
+        if attrs.pattern != "solid" and rng.random() < 0.3:
+            # Accent base colours too (the subject is teal with pink stripes): the codec must carry them.
+            base = str(rng.choice([c for c in ACCENT_COLOURS if c not in (attrs.pattern_colour, attrs.background)]))
+            attrs = replace(attrs, colour=base)
+        a = np.asarray(w.render(attrs), dtype=np.float32)
+        if crop is not None:
+            jx, jy = rng.integers(-crop // 4, crop // 4 + 1, size=2)
+            x0 = int(np.clip(round(attrs.cx) - crop // 2 + jx, 0, res - crop))
+            y0 = int(np.clip(round(attrs.cy) - crop // 2 + jy, 0, res - crop))
+            a = a[y0:y0 + crop, x0:x0 + crop]
+        imgs.append(a)
+    x = np.stack(imgs) / 127.5 - 1.0
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def train_vae(vae, world: World, clock: Clock, deadline: float, args) -> dict:
+    """Stage 1: L1 + MSE reconstruction plus ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) per latent element.
+
+    The first ``1 − vae_full_frac`` of the stage trains on half-size crops (4× cheaper per image; the VAE is
+    convolutional), the rest on full images so the mid-block attention sees the full latent grid.
+    """
+    rng = np.random.default_rng([args.seed, 1])
+    with torch.no_grad():
+        # Start with a near-deterministic posterior (σ ≈ 0.05): with σ ≈ 1 at init the decoder first sees
+        # mostly noise, and the small KL weight takes thousands of steps to shrink it.
+        vae.encoder.conv_out.bias[vae.config.latent_channels:].fill_(-6.0)
+    pattern_world = World(WorldConfig(resolution=world.config.resolution, pattern_prob=1.0))
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    vae.train()
+    start = clock.now()
+    span = max(deadline - start, 1e-6)
+    step, recent = 0, []
+    while clock.now() < deadline:
+        frac = (clock.now() - start) / span
+        full = frac >= 1.0 - args.vae_full_frac
+        for g in opt.param_groups:  # cosine decay to 10 % over the stage
+            g["lr"] = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        crop = None if full else world.config.resolution // 2
+        x = world_batch(world, rng, args.vae_batch // (2 if full else 1), pattern_world, crop)  # [B, 3, S, S]
+        post = vae.encode(x).latent_dist
+        z = post.sample()  # [B, 4, S/f, S/f]
+        x_hat = vae.decode(z).sample  # [B, 3, S, S]
+        rec = F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
+        kl = post.kl().mean() / z[0].numel()
+        loss = rec + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        recent.append(float(F.mse_loss(x_hat.detach(), x)))
+        if step % 50 == 0:
+            log.info("vae step %d  mse %.5f  kl %.3f  %s", step, np.mean(recent[-50:]), float(kl.detach()),
+                     "full" if full else "crops")
+    vae.eval()
+    # Held-out reconstruction error in pixel units (0–255) on fresh renders, subject texture included.
+    with torch.no_grad():
+        x = world_batch(world, np.random.default_rng([args.seed, 99]), 64, pattern_world)
+        x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mae = float((x_hat - x).abs().mean() * 127.5)
+    return {"steps": step, "heldout_mae_0_255": mae}
+
+
+# ----------------------------------------------------------------------------------------- stage 2: latents
+
+
+@torch.no_grad()
+def encode_world(vae, world: World, n: int, seed: int, chunk: int = 128):
+    """Render and encode ``n`` training-split images once: posterior mean/std ``[n, 4, h, w]`` + attributes."""
+    means, stds, attrs = [], [], []
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        imgs, _, a = world.arrays(m, seed, "train", start=start)
+        x = torch.from_numpy(imgs.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+        post = vae.encode(x).latent_dist
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+        attrs.extend(a)
+    return torch.cat(means), torch.cat(stds), attrs
+
+
+# ---------------------------------------------------------------------------------------- stage 3: denoiser
+
+
+class EMA:
+    """Exponential moving average of parameters with the usual warm-up ``min(decay, (1+n)/(10+n))``."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and averaged weights (twice restores the live ones)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def compiled(module: torch.nn.Module, enable: bool):
+    """``torch.compile(module)`` (≈ 30 % faster UNet steps on CPU, ≈ 2 min to compile) or ``module`` itself.
+
+    Compilation runs in this process (``compile_threads = 1``) so its cost counts against the CPU-time
+    budget; without a working C++ toolchain it falls back to eager mode.
+    """
+    if not enable:
+        return module
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+        return torch.compile(module)
+    except Exception as err:  # compile errors surface at the first call too: see train_denoiser
+        log.warning("torch.compile unavailable (%s); training eagerly", err)
+        return module
+
+
+class Tokens:
+    """Caption → CLIP ids ``[77]``, cached (captions repeat often)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok, self.cache = tokenizer, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            ids = self.tok(missing, padding="max_length", max_length=self.tok.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+            self.cache.update(zip(missing, ids))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: Clock, deadline: float,
+                   args) -> dict:
+    """Stage 3: ε-prediction with Min-SNR-γ weights, caption dropout and EMA; the text encoder freezes late."""
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet.set_attn_processor(AttnProcessor())  # plain bmm attention: faster than SDPA on CPU for 1–2 heads
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas_cumprod = noise_sched.alphas_cumprod.float()  # ᾱ_t, [T]
+    snr = alphas_cumprod / (1 - alphas_cumprod)  # SNR(t) = ᾱ_t / (1 − ᾱ_t)
+    unet_fwd = compiled(unet, args.compile)
+    tokens = Tokens(pipe.tokenizer)
+    rng = np.random.default_rng([args.seed, 3])
+    gen = torch.Generator().manual_seed(args.seed)
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = EMA([unet, text_encoder], args.ema)
+    unet.train()
+    text_encoder.train()
+    t_start = clock.now()
+    span = max(deadline - t_start, 1.0)
+    text_frozen = False
+    n = means.shape[0]
+    step, recent = 0, []
+    last_snapshot = clock.now()
+    while True:
+        now = clock.now()
+        if now >= deadline:
+            break
+        frac = (now - t_start) / span
+        if not text_frozen and frac >= args.text_frac:
+            text_encoder.requires_grad_(False)
+            text_encoder.eval()
+            text_frozen = True
+            log.info("step %d: text encoder frozen", step)
+        # Learning rate: linear warm-up, then cosine to 10 % by budget fraction.
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+        idx = rng.integers(0, n, size=args.batch)
+        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale  # [B, 4, h, w]
+        captions = [world.random_caption(attrs[i], rng) if rng.random() >= args.uncond_prob else "" for i in idx]
+        ids = tokens(captions)  # [B, 77]
+        if text_frozen:
+            with torch.no_grad():
+                enc = text_encoder(ids)[0]  # [B, 77, D]
+            enc.requires_grad_(True)  # same autograd signature as before: no recompilation of the UNet
+        else:
+            enc = text_encoder(ids)[0]
+        eps = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        zt = noise_sched.add_noise(z0, eps, t)  # √ᾱ_t z0 + √(1−ᾱ_t) ε
+        try:
+            pred = unet_fwd(zt, t, enc).sample  # ε_θ, [B, 4, h, w]
+        except Exception as err:  # compilation happens at the first call; fall back rather than lose the run
+            if unet_fwd is unet:
+                raise
+            log.warning("torch.compile failed (%s); training eagerly", str(err).splitlines()[0][:200])
+            unet_fwd = unet
+            pred = unet(zt, t, enc).sample
+        per = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))  # [B]
+        weight = torch.clamp(snr[t], max=args.min_snr_gamma) / snr[t]  # Min-SNR-γ for ε-prediction
+        loss = (weight * per).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        step += 1
+        recent.append(float(per.detach().mean()))
+        if args.snapshot_every and clock.now() - last_snapshot >= args.snapshot_every * 60:
+            # Intermediate EMA models, to read the learning curve off the quality gate later.
+            last_snapshot = clock.now()
+            ema.swap()
+            folder = args.out.with_name(f"{args.out.name}.snap-{(clock.now() - clock.t0) / 60:04.1f}min")
+            snap = copy.deepcopy(pipe)
+            snap.unet.set_default_attn_processor()
+            snap.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+            ema.swap()
+            log.info("snapshot %s at step %d", folder, step)
+        if step % 100 == 0:
+            log.info("unet step %d  eps-mse %.4f  lr %.2e  %.2fs/step", step, np.mean(recent[-100:]), lr,
+                     (clock.now() - t_start) / step)
+    ema.copy_to()
+    unet.set_default_attn_processor()
+    unet.eval()
+    text_encoder.eval()
+    return {"steps": step, "samples_seen": step * args.batch, "final_eps_mse": float(np.mean(recent[-200:] or [0]))}
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 50):
+    """Images for ``prompts``; prompt ``i`` uses generator seed ``seed + i`` (same seeds for any model)."""
+    images = []
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s:s + batch]
+        gens = [torch.Generator().manual_seed(seed + s + k) for k in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil")
+        images.extend(out.images)
+    return images
+
+
+def quality_gate(pipe, judge, n: int, steps: int, guidance: float, seed: int) -> dict:
+    """Fraction of held-out-pair generations whose judged shape and colour match the prompt."""
+    result = {}
+    held = heldout_prompts(n, seed=seed)
+    train_prompts = prior_prompts(n, seed=seed + 7)
+    from nullbooth.world import parse_prompt
+
+    for name, prompts in (("heldout", [p for p, _ in held]), ("train", train_prompts)):
+        images = generate(pipe, prompts, seed, steps, guidance)
+        pred = judge.predict(images)
+        ok_shape = ok_colour = ok_both = 0
+        for k, p in enumerate(prompts):
+            want = parse_prompt(p)
+            s = pred["shape"][k] == want["shape"]
+            c = pred["colour"][k] == want["colour"]
+            ok_shape += s
+            ok_colour += c
+            ok_both += s and c
+        result[name] = {"n": len(prompts), "shape": ok_shape / len(prompts), "colour": ok_colour / len(prompts),
+                        "shape_and_colour": ok_both / len(prompts)}
+        result[name + "_images"] = images
+    return result
+
+
+def mark_float32_default(folder: Path) -> None:
+    """Make a plain ``from_pretrained(folder)`` load every component in float32.
+
+    diffusers upcasts fp16 files to float32 unless told otherwise, but transformers 5 loads a model in the
+    ``dtype`` its config records (``"auto"``); a float16 text encoder next to a float32 UNet then fails in
+    the first matmul. The weights stay fp16 on disk (size); only the recorded default changes.
+    """
+    cfg_path = folder / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_grid(images, path: Path, cols: int = 10) -> None:
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % cols) * w, (k // cols) * h))
+    grid.save(path)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=None, help=f"output diffusers folder (default {DEFAULT_OUT})")
+    p.add_argument("--minutes", type=float, default=55.0, help="training budget in minutes of --clock time (evaluation excluded)")
+    p.add_argument("--smoke", action="store_true", help="tiny end-to-end run (~1 min) into outputs/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="budget in CPU time of this process (robust to other load) or wall-clock time")
+    p.add_argument("--vae-frac", type=float, default=0.15, help="fraction of the budget for the VAE")
+    p.add_argument("--vae-batch", type=int, default=32, help="crops per VAE step (half as many full images)")
+    p.add_argument("--vae-full-frac", type=float, default=0.25, help="last fraction of the VAE stage on full images")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--n-images", type=int, default=24000, help="encoded training images")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--text-frac", type=float, default=0.5, help="train the text encoder for this fraction")
+    p.add_argument("--eval-n", type=int, default=100, help="prompts per gate split")
+    p.add_argument("--eval-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--judge", type=str, default=None, help="judge folder (default: the shipped judge)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the UNet for training (default on)")
+    p.add_argument("--snapshot-every", type=float, default=0.0, help="save EMA snapshots every N minutes")
+    p.add_argument("--init", type=Path, default=None, help="resume from a saved folder: skip the VAE stage")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.minutes = min(args.minutes, 1.0)
+        args.n_images = min(args.n_images, 256)
+        args.eval_n = min(args.eval_n, 10)
+        args.eval_steps = min(args.eval_steps, 5)
+        args.warmup = 10
+        args.compile = False
+        args.out = args.out or REPO / "outputs" / "tiny-sd-smoke"
+    args.out = args.out or DEFAULT_OUT
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    clock = Clock(args.minutes, args.clock)
+    wall0 = time.monotonic()
+    world = World(WorldConfig(resolution=WORLD_ARCH.latent_size * 2 ** (len(WORLD_ARCH.vae_channels) - 1)))
+
+    if args.init is not None:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.init, dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False)
+        vae_info = {"resumed_from": str(args.init)}
+    else:
+        pipe = build_world_pipeline(WORLD_ARCH)
+        log.info("stage 1: VAE for %.1f min", args.vae_frac * args.minutes)
+        vae_info = train_vae(pipe.vae, world, clock, clock.deadline(args.vae_frac), args)
+        log.info("vae: %s", vae_info)
+    pipe.vae.requires_grad_(False)
+
+    log.info("stage 2: encoding %d images", args.n_images)
+    means, stds, attrs = encode_world(pipe.vae, world, args.n_images, seed=args.seed)
+    if args.init is None:
+        # SD convention: z = scaling_factor · E(x) has unit variance.
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    scale = float(pipe.vae.config.scaling_factor)
+    log.info("latent std %.3f → scaling_factor %.4f (%.0fs elapsed)", float(means.std()), scale, clock.elapsed())
+
+    log.info("stage 3: UNet + text encoder until the budget ends")
+    den_info = train_denoiser(pipe, world, means, stds, attrs, scale, clock, clock.t0 + clock.total, args)
+    train_seconds, wall_seconds = clock.elapsed(), time.monotonic() - wall0
+    log.info("denoiser: %s; training took %.1f %s-min (%.1f wall-min)", den_info, train_seconds / 60,
+             clock.kind, wall_seconds / 60)
+
+    # Save fp16 weights: the folder is what users load; the eval below reloads it to test exactly that.
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    mark_float32_default(tmp)
+    write_prompt_lists(tmp / "prompts")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp)  # exactly what a user does
+    pipe.set_progress_bar_config(disable=True)
+
+    info = {
+        "arch": {k: (list(v) if isinstance(v, tuple) else v) for k, v in WORLD_ARCH.__dict__.items()},
+        "world": {"resolution": world.config.resolution, "held_out": [list(p) for p in world.config.held_out]},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "vae": vae_info, "denoiser": den_info, "train_minutes": round(train_seconds / 60, 2),
+        "clock": clock.kind, "train_wall_minutes": round(wall_seconds / 60, 2),
+        "threads": args.threads,
+    }
+    try:
+        from nullbooth.judge import load_judge
+
+        judge = load_judge(args.judge)
+    except Exception as err:  # the gate is informative; a missing judge must not lose an hour of training
+        log.warning("no judge, skipping the quality gate: %s", err)
+        judge = None
+    if judge is not None:
+        t0 = time.monotonic()
+        gate = quality_gate(pipe, judge, args.eval_n, args.eval_steps, args.guidance, seed=args.seed + 12345)
+        save_grid(gate.pop("heldout_images")[:50], tmp / "heldout_grid.png")
+        save_grid(gate.pop("train_images")[:50], tmp / "train_grid.png")
+        gate.update(steps=args.eval_steps, guidance=args.guidance, seconds=round(time.monotonic() - t0, 1))
+        info["quality_gate"] = gate
+        log.info("quality gate: %s", json.dumps(gate))
+    (tmp / "nullbooth_world_model.json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.replace(tmp, args.out)
+    size = sum(f.stat().st_size for f in args.out.rglob("*.safetensors")) / 2**20
+    log.info("saved %s (%.1f MB of safetensors)", args.out, size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
