@@ -250,6 +250,8 @@ def test_cli_train_lora_and_plain_diffusers_loads_it(world, capsys):
     assert "method lora: 2 steps" in printed and "leak held-out" in printed
     report = json.loads((out / "train_report.json").read_text())
     assert report["method"] == "lora" and report["summary"]["max_leak_heldout"] > 0
+    html = (out / "train_report.html").read_text()
+    assert "lora training report" in html and "Leakage per layer" in html and "data:image/png;base64," in html
     plain = load_pipeline("tiny-sd")
     before = unet_out(plain, "a photo of sks dog")
     plain.load_lora_weights(str(out))

@@ -195,8 +195,26 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True,
         report["files"] = [str(p) for p in files]
         write_json(output_dir / CONFIG_COPY, cfg.model_dump(mode="json"))
         write_json(output_dir / REPORT, report)
+        write_report_html(output_dir, report)
     accelerator.wait_for_everyone()
     return report
+
+
+def write_report_html(output_dir: Path, report: dict[str, Any]) -> Path:
+    """``train_report.html``: the report in the run-report style — loss curve, leakage per weight, validation images."""
+    from PIL import Image
+
+    from .visualize import render_training_report
+
+    leakage = [{"layer": r["layer"], "weight": f"{r['feature']} ({where})", "leakage": r[key]}
+               for r in report["weights"]
+               for key, where in (("leak_preserved", "preserved"), ("leak_heldout", "held-out"))
+               if r.get(key) is not None]
+    images = [(f"validation, {p.stem}", Image.open(p)) for p in sorted((output_dir / "validation").glob("step-*.png"))]
+    page = {"title": f"{report['method']} training report", "loss": report["losses"], "leakage": leakage,
+            **{k: v for k, v in report.items() if k not in ("losses", "weights", "format")},
+            "weights": report["weights"]}
+    return render_training_report(page, output_dir / "train_report.html", images)
 
 
 def nan_message(cfg: Config, step: int, output_dir: Path) -> str:
