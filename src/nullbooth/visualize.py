@@ -269,14 +269,18 @@ def draw_null_dim_heatmap(ax, summary: CovarianceSummary, panel: str, *, annotat
     return im
 
 
-def draw_summed_null_dims(ax, summary: CovarianceSummary) -> None:
-    """Null dim of the timestep-summed statistic (what training projects with) vs the input width ``d``."""
+def _grouped_bars(summary: CovarianceSummary):
+    """``(panel, feature, x, width)``: one group of bars per layer, one bar per feature panel."""
     panels = summary.panels()
-    L = len(summary.layers)
     width = 0.8 / len(panels)
     for p_i, panel in enumerate(panels):
-        f = _panel_feature(panel)
-        x = np.arange(L) + (p_i - (len(panels) - 1) / 2) * width
+        yield panel, _panel_feature(panel), np.arange(len(summary.layers)) + (p_i - (len(panels) - 1) / 2) * width, width
+
+
+def draw_summed_null_dims(ax, summary: CovarianceSummary) -> None:
+    """Null dim of the timestep-summed statistic (what training projects with) vs the input width ``d``."""
+    L = len(summary.layers)
+    for panel, f, x, width in _grouped_bars(summary):
         ax.bar(x, summary.feature_dim[f], width, color="none", edgecolor="grey", lw=0.8)
         ax.bar(x, summary.summed_null_dim[f], width, color=FEATURE_COLORS.get(panel), label=panel.replace("kv", "k, v"))
     ax.set_xticks(range(L))
@@ -288,12 +292,8 @@ def draw_summed_null_dims(ax, summary: CovarianceSummary) -> None:
 
 def draw_sample_counts(ax, summary: CovarianceSummary) -> None:
     """Rows accumulated into each summed statistic (log scale); per-timestep counts in the legend."""
-    panels = summary.panels()
     L = len(summary.layers)
-    width = 0.8 / len(panels)
-    for p_i, panel in enumerate(panels):
-        f = _panel_feature(panel)
-        x = np.arange(L) + (p_i - (len(panels) - 1) / 2) * width
+    for panel, f, x, width in _grouped_bars(summary):
         bars = ax.bar(x, summary.summed_count[f], width, color=FEATURE_COLORS.get(panel),
                       label=panel.replace("kv", "k, v"))
         ax.bar_label(bars, labels=[f"{int(v):,}" for v in summary.summed_count[f]], fontsize=6, rotation=90, padding=2)
