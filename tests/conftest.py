@@ -74,3 +74,22 @@ def tiny_run(tmp_path_factory, tiny_pipe):
     tmp = tmp_path_factory.mktemp("run")
     cfg = small_config(tmp)
     return collect(cfg, pipe=tiny_pipe, progress=False), cfg
+
+
+def random_adapter(folder: Path, scale: float) -> Path:
+    """A nullbooth adapter on tiny-sd with random half-width null spaces and random ``M`` (× ``scale``), saved in
+    ``folder``; the unet is returned with the adapters still injected (for exports)."""
+    from nullbooth.adapters import adapter_targets, inject_null_space_adapters, save_adapter
+    from nullbooth.models import load_pipeline
+
+    pipe = load_pipeline("tiny-sd")
+    g = torch.Generator().manual_seed(0)
+    bases = {}
+    for path, linear in adapter_targets(pipe.unet).items():
+        Q, _ = torch.linalg.qr(torch.randn(linear.in_features, linear.in_features, generator=g, dtype=torch.float64))
+        bases[path] = Q[:, : linear.in_features // 2]  # [in, k], orthonormal
+    with torch.no_grad():
+        for w in inject_null_space_adapters(pipe.unet, bases).values():
+            w.M.copy_(torch.randn(w.M.shape, generator=g) * scale)
+    save_adapter(folder, pipe.unet, {"method": "nullbooth", "pretrained_model_name_or_path": "tiny-sd"})
+    return pipe.unet

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nullbooth.adapters import LORA_WEIGHTS, adapter_targets, export_diffusers_lora, inject_null_space_adapters, save_adapter
+from conftest import random_adapter
+from nullbooth.adapters import LORA_WEIGHTS, export_diffusers_lora
 from nullbooth.config import config_from_dict
 from nullbooth.errors import NullBoothError
 from nullbooth.generate import captioned_rows, generate, image_grid, load_personalization, register_cli
@@ -29,18 +30,8 @@ PROMPT = "a photo of sks dog"
 def adapter_dir(tmp_path_factory):
     """A nullbooth adapter (random k-dim null spaces, ΔW large enough to change the images) + its LoRA export."""
     folder = tmp_path_factory.mktemp("adapter")
-    pipe = load_pipeline("tiny-sd")
-    g = torch.Generator().manual_seed(0)
-    bases = {}
-    for path, linear in adapter_targets(pipe.unet).items():
-        Q, _ = torch.linalg.qr(torch.randn(linear.in_features, linear.in_features, generator=g, dtype=torch.float64))
-        bases[path] = Q[:, : linear.in_features // 2]  # [in, k], orthonormal
-    wrappers = inject_null_space_adapters(pipe.unet, bases)
-    with torch.no_grad():
-        for w in wrappers.values():
-            w.M.copy_(torch.randn(w.M.shape, generator=g) * 0.5)
-    save_adapter(folder, pipe.unet, {"method": "nullbooth", "pretrained_model_name_or_path": "tiny-sd"})
-    export_diffusers_lora(folder, unet=pipe.unet)
+    unet = random_adapter(folder, scale=0.5)
+    export_diffusers_lora(folder, unet=unet)
     return folder
 
 

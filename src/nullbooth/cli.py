@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_validate)
 
-    from . import generate, scale_cli, train, visualize
+    from . import evaluate, generate, scale_cli, train, visualize
 
-    for module in (train, generate, visualize, scale_cli):
+    for module in (train, generate, evaluate, visualize, scale_cli):
         module.register_cli(sub)
     return parser
 

@@ -27,23 +27,43 @@ _BUNDLED_DIR = Path(__file__).parent / "data" / "models"
 
 @dataclass(frozen=True)
 class TinyArch:
-    """Architecture of a small SD-style pipeline (text width, UNet widths, VAE widths)."""
+    """Architecture of a small SD-style pipeline (text width, UNet widths, VAE widths, noise schedule)."""
 
     text_hidden: int = 128
     text_layers: int = 4
     text_heads: int = 4
     unet_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int = 8  # diffusers' UNet2DConditionModel reads this as the number of heads
     use_linear_projection: bool = False
     vae_channels: tuple[int, ...] = (32, 64)
     latent_size: int = 32
     seed: int = 0
+    # GroupNorm groups of UNet and VAE (None: min(first width, 32), diffusers' usual). One channel per group
+    # normalises away each channel's spatial mean — exactly what encodes a flat colour — so the world model's
+    # VAE could not reproduce colours with it (measured: every reconstruction came out brownish).
+    norm_groups: int | None = None
+    # "sd": SD 1.x scaled-linear betas 0.00085–0.012, "leading" spacing, ε-prediction. SD's schedule leaves
+    # ᾱ_T = 0.0047 at t = 999; on a small latent the layout stays readable at that noise level, so a model
+    # trained on it takes position and shape from the residual signal instead of the text and draws random
+    # layouts from pure noise (measured on the first world model: shape 20 % from pure noise against 42 % when
+    # started at t = 800). "zero-snr": the same betas rescaled to ᾱ_T = 0 with v-prediction and "trailing"
+    # spacing (Lin et al. 2024, §3.1–3.3). "ddpm": linear betas 1e-4–0.02 (Ho et al. 2020), "trailing" — tried
+    # for the world model and dropped: on an 8×8 latent ᾱ falls below 0.01 by t ≈ 650, so a third of the
+    # training timesteps carry no content (the model ignored colour words after 2,500 steps: colour 32 %).
+    schedule: str = "sd"
 
+
+# The shapes world's model (scripts/train_world_model.py; the trained weights ship in data/models/tiny-sd):
+# 64×64 images, VAE factor 8 → 8×8×4 latents as in SD, attention at 8×8 and in the 4×4 mid block.
+WORLD_ARCH = TinyArch(
+    text_hidden=128, text_layers=4, text_heads=4, unet_channels=(64, 128), layers_per_block=1, attention_head_dim=2,
+    vae_channels=(16, 32, 64, 64), latent_size=8, norm_groups=8, schedule="zero-snr",
+)
 
 BUILTIN_MODELS: dict[str, TinyArch] = {
-    # The default: SD 1.x layout (conv proj-in), CLIP text width 128.
-    "tiny-sd": TinyArch(),
+    # The default: SD 1.x layout (conv proj-in), CLIP text width 128; trained weights ship with the package.
+    "tiny-sd": WORLD_ARCH,
     # An SD 2.x-like layout (linear proj-in, three levels) for users and tests that need a second architecture.
     "tiny-sd2": TinyArch(
         text_hidden=96, text_layers=2, text_heads=4, unet_channels=(16, 32, 32),
@@ -107,7 +127,7 @@ def build_tiny_pipeline(arch: TinyArch = TinyArch(), tokenizer=None):
         cross_attention_dim=arch.text_hidden,
         attention_head_dim=arch.attention_head_dim,
         use_linear_projection=arch.use_linear_projection,
-        norm_num_groups=min(arch.unet_channels[0], 32),
+        norm_num_groups=arch.norm_groups or min(arch.unet_channels[0], 32),
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -116,7 +136,7 @@ def build_tiny_pipeline(arch: TinyArch = TinyArch(), tokenizer=None):
         down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
         latent_channels=4,
-        norm_num_groups=min(arch.vae_channels[0], 32),
+        norm_num_groups=arch.norm_groups or min(arch.vae_channels[0], 32),
         sample_size=arch.latent_size * 2 ** (len(arch.vae_channels) - 1),
     )
     text_encoder = CLIPTextModel(
@@ -132,10 +152,14 @@ def build_tiny_pipeline(arch: TinyArch = TinyArch(), tokenizer=None):
             pad_token_id=49407,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-    )
+    betas = {"sd": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading"),
+             "ddpm": dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", timestep_spacing="trailing"),
+             "zero-snr": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction")}
+    if arch.schedule not in betas:
+        raise NullBoothError(f"TinyArch.schedule: expected one of {sorted(betas)}, got {arch.schedule!r}")
+    # steps_offset stays 1 with "trailing" too: trailing ignores it, and diffusers warns about any other value.
+    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **betas[arch.schedule])
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -5,7 +5,7 @@
   (the ``null_space_dim`` stored in the metadata), and the sample counts ``n``.
 - :func:`write_run_report` / :func:`visualize_run`: one ``report.html`` (images embedded as base64) with the
   run's configuration, the ``inspect`` table and every picture; ``nullbooth visualize RUN_DIR`` (no model).
-- :func:`render_training_report` and :func:`comparison_grid`: the same style for training and ``generate``.
+- :func:`render_training_report`: the same style for the training report.
 
 Plots use matplotlib's object API (``matplotlib.figure.Figure`` rendered by Agg): headless, and no global
 pyplot state is touched in the caller's process.
@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -750,51 +749,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def comparison_grid(rows: Sequence[tuple[str, Any, Any]], labels: tuple[str, str] = ("base model", "personalised"),
-                    *, margin: int = 8):
-    """A captioned grid for ``generate --compare-base``: per row the prompt, then base | personalised.
-
-    Images keep their pixels (the cell size is the first base image's; others are resized to it). The
-    returned PIL image carries ``info["boxes"]``: ``[(row, column, (x0, y0, x1, y1))]`` of every image.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    if not rows:
-        raise NullBoothError("comparison_grid: expected at least one (prompt, base, personalised) row, got none")
-    W, H = rows[0][1].size
-    size = max(11, min(W, 512) // 22)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        font = ImageFont.load_default()
-    line_h = int(size * 1.35)
-    chars = max(12, int(2 * W / (0.55 * size)))
-    wrapped = [textwrap.wrap(prompt, chars)[:4] or [""] for prompt, _, _ in rows]
-    header = line_h + margin
-    width = 2 * W + 3 * margin
-    height = header + sum(len(lines) * line_h + margin + H + margin for lines in wrapped)
-    grid = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, label in enumerate(labels):
-        draw.text((margin + c * (W + margin) + W // 2, margin // 2), label, fill="black", font=font, anchor="ma")
-    boxes = []
-    y = header
-    for r, ((_, base, personal), lines) in enumerate(zip(rows, wrapped)):
-        for i, text in enumerate(lines):
-            draw.text((margin, y + i * line_h), text, fill=(40, 40, 40), font=font)
-        y += len(lines) * line_h + margin // 2
-        for c, image in enumerate((base, personal)):
-            image = image.convert("RGB")
-            if image.size != (W, H):
-                image = image.resize((W, H), Image.Resampling.LANCZOS)
-            x = margin + c * (W + margin)
-            grid.paste(image, (x, y))
-            boxes.append((r, c, (x, y, x + W, y + H)))
-        y += H + margin + margin // 2
-    grid.info["boxes"] = boxes
-    return grid
 
 
 # --------------------------------------------------------------------------- CLI
