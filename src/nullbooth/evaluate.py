@@ -184,11 +184,6 @@ def check_counts(n_prompts: int, n_seeds: int, k: int) -> None:
         )
 
 
-def _attribute_rows(judge: Judge, rendered: Rendered) -> tuple[list[dict[str, str]], dict[str, list[str]]]:
-    """Stated attributes per prompt and the judge's labels per flat image."""
-    return [parse_prompt(p) for p in rendered.prompts], judge.predict(rendered.flat())
-
-
 def _accuracy(stated: list[dict[str, str]], labels: dict[str, list[str]], n_seeds: int) -> tuple[list[float | None], dict[str, float]]:
     """Per prompt: fraction of (image, stated attribute) pairs judged right; per attribute: the same overall."""
     per_prompt: list[float | None] = []
@@ -227,8 +222,8 @@ def compare(base: Rendered, personalized: Rendered, extractor: FeatureExtractor,
     rmse = np.asarray(paired["per_pair_rmse"]).reshape(len(base.prompts), n_seeds).mean(1)
     rows = [{"prompt": p, "paired_rmse": float(r)} for p, r in zip(base.prompts, rmse)]
     if judge is not None:
-        stated, lab_b = _attribute_rows(judge, base)
-        lab_p = judge.predict(flat_p)
+        stated = [parse_prompt(p) for p in base.prompts]
+        lab_b, lab_p = judge.predict(flat_b), judge.predict(flat_p)
         acc_b, all_b = _accuracy(stated, lab_b, n_seeds)
         acc_p, all_p = _accuracy(stated, lab_p, n_seeds)
         names = list(judge.config.attributes)

@@ -54,15 +54,16 @@ class TinyArch:
     schedule: str = "sd"
 
 
-# The shapes world's model (scripts/train_world_model.py; the trained weights ship in data/models/tiny-sd):
-# 64×64 images, VAE factor 8 → 8×8×4 latents as in SD, attention at 8×8 and in the 4×4 mid block.
+# The shapes world's model (scripts/train_world_model.py writes trained weights to data/models/tiny-sd, which
+# then take precedence; none ship yet — see README, quality gate): 64×64 images, VAE factor 8 → 8×8×4 latents
+# as in SD, attention at 8×8 and in the 4×4 mid block.
 WORLD_ARCH = TinyArch(
     text_hidden=128, text_layers=4, text_heads=4, unet_channels=(64, 128), layers_per_block=1, attention_head_dim=2,
     vae_channels=(16, 32, 64, 64), latent_size=8, norm_groups=8, schedule="zero-snr",
 )
 
 BUILTIN_MODELS: dict[str, TinyArch] = {
-    # The default: SD 1.x layout (conv proj-in), CLIP text width 128; trained weights ship with the package.
+    # The default: SD 1.x layout (conv proj-in), CLIP text width 128.
     "tiny-sd": WORLD_ARCH,
     # An SD 2.x-like layout (linear proj-in, three levels) for users and tests that need a second architecture.
     "tiny-sd2": TinyArch(
