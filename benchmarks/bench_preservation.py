@@ -137,15 +137,31 @@ def subject_prompts_for(v: Variant, prompts: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def score(v: Variant, pipe, inputs: Inputs, base: dict, sampling, extractor, judge, instances) -> dict[str, Any]:
-    from nullbooth.evaluate import compare, render, subject_scores
+@dataclass
+class Renders:
+    """One model's images for the three prompt sets (same prompts and seeds for every model)."""
 
-    subject = subject_scores(render(pipe, subject_prompts_for(v, inputs.subject_prompts), sampling),
-                             instances, extractor, judge)
-    prior = compare(base["eval"], render(pipe, inputs.eval_prompts, sampling), extractor, judge)
-    cls_pers = render(pipe, inputs.class_prompts, sampling)
-    cls = compare(base["class"], cls_pers, extractor, judge)
-    striped = judge.predict(cls_pers.flat())["pattern"]
+    subject: Any
+    eval: Any
+    cls: Any
+
+
+def render_sets(pipe, v: Variant | None, inputs: Inputs, sampling) -> Renders:
+    from nullbooth.evaluate import render
+
+    subject = inputs.subject_prompts if v is None else subject_prompts_for(v, inputs.subject_prompts)
+    return Renders(render(pipe, subject, sampling), render(pipe, inputs.eval_prompts, sampling),
+                   render(pipe, inputs.class_prompts, sampling))
+
+
+def score(model: Renders, base: Renders, judge, instances) -> dict[str, Any]:
+    """Fidelity, preservation and class drift of ``model`` against ``base`` (the judge is also the extractor)."""
+    from nullbooth.evaluate import compare, subject_scores
+
+    subject = subject_scores(model.subject, instances, judge, judge)
+    prior = compare(base.eval, model.eval, judge, judge)
+    cls = compare(base.cls, model.cls, judge, judge)
+    striped = judge.predict(model.cls.flat())["pattern"]
     return {
         "subject_match": subject_match(subject),
         "subject_fidelity": subject["fidelity"],
@@ -177,7 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from nullbooth.collect import collect
     from nullbooth.config import PerfusionBlock
     from nullbooth.data import read_image_folder
-    from nullbooth.evaluate import Sampling, render
+    from nullbooth.evaluate import Sampling
     from nullbooth.generate import load_personalization
     from nullbooth.judge import load_judge
     from nullbooth.models import load_pipeline
@@ -194,19 +210,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model)
-    base = {"eval": render(pipe, inputs.eval_prompts, sampling), "class": render(pipe, inputs.class_prompts, sampling)}
-    from nullbooth.evaluate import compare, subject_scores
-
-    base_subject = subject_scores(render(pipe, inputs.subject_prompts, sampling), instances, judge, judge)
-    base_row = {
-        "label": "base (no training)", "method": "base", "seconds": 0.0,
-        "subject_match": subject_match(base_subject), "subject_fidelity": base_subject["fidelity"],
-        "prior_accuracy": compare(base["eval"], base["eval"], judge, judge)["attributes"]["base"]["all"],
-        "prior_agreement": 1.0, "prior_paired_rmse": 0.0,
-        "class_striped": sum(p != "solid" for p in judge.predict(base["class"].flat())["pattern"])
-        / len(base["class"].flat()),
-        "class_agreement": 1.0, "class_paired_rmse": 0.0,
-    }
+    base = render_sets(pipe, None, inputs, sampling)
+    # The base scored against itself: agreement 1 and distance 0 by construction; its fidelity and accuracy are
+    # the reference the methods move from.
+    base_row = {"label": "base (no training)", "method": "base", "seconds": 0.0, **score(base, base, judge, instances)}
     log.info("base rendered in %.0fs", time.perf_counter() - t0)
 
     v_all = variants(args)
@@ -230,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "max_leak_preserved": report["summary"]["max_leak_preserved"]}
         if v.method == "nullbooth":
             row["null_dims"] = null_dims(report)
-        row.update(score(v, personal, inputs, base, sampling, judge, judge, instances))
+        row.update(score(render_sets(personal, v, inputs, sampling), base, judge, instances))
         rows.append(row)
         log.info("%-26s subject %.2f  prior agreement %.3f  class striped %.2f  (%.0fs training)", v.label,
                  row["subject_match"], row["prior_agreement"], row["class_striped"], seconds)

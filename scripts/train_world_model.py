@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nullbooth.evaluate import WORLD_MODEL_MARKER
 from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
 from nullbooth.world import (ACCENT_COLOURS, World, WorldConfig, heldout_prompts, prior_prompts,
                              write_prompt_lists)
@@ -563,7 +564,7 @@ def main(argv=None) -> int:
         gate.update(steps=args.eval_steps, guidance=args.guidance, seconds=round(time.monotonic() - t0, 1))
         info["quality_gate"] = gate
         log.info("quality gate: %s", json.dumps(gate))
-    (tmp / "nullbooth_world_model.json").write_text(json.dumps(info, indent=2) + "\n")
+    (tmp / WORLD_MODEL_MARKER).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)
     size = sum(f.stat().st_size for f in args.out.rglob("*.safetensors")) / 2**20

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -305,6 +306,17 @@ def config_from_dict(data: dict[str, Any], source: str = "config", cls: type[Con
         raise NullBoothError(_format_errors(err, source)) from None
 
 
+def set_dotted(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply ``{"nullbooth.num_denoising_steps": 25, …}`` to the nested mapping ``data`` in place (and return it)."""
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return data
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, cls: type[Config] = Config) -> Config:
     """Read and validate a YAML config; ``overrides`` are dotted keys (``nullbooth.num_denoising_steps``)."""
     data: dict[str, Any] = {}
@@ -319,10 +331,5 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         if loaded is not None and not isinstance(loaded, dict):
             raise NullBoothError(f"expected a mapping at the top of {p}, got {type(loaded).__name__}")
         data = loaded or {}
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+    set_dotted(data, overrides or {})
     return config_from_dict(data, str(path or "flags"), cls)

@@ -120,12 +120,13 @@ def personalized_kind(path: Path) -> str:
     return "model" if (path / "model_index.json").is_file() else "output"
 
 
-def trained_base(path: Path) -> str | None:
-    """The base model a training output records in ``train_config.json`` (None when it records none)."""
-    cfg = path / "train_config.json"
-    if not cfg.is_file():
-        return None
-    return json.loads(cfg.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
+def training_config(path: Path) -> dict[str, Any]:
+    """The config a training output recorded (``train_config.json``), or ``{}`` for anything else."""
+    from .store import read_json
+    from .train import CONFIG_COPY
+
+    recorded = path / CONFIG_COPY
+    return read_json(recorded, "a training config") if recorded.is_file() else {}
 
 
 def check_comparable(base_arch: dict[str, Any], base_name: str, pers_path: Path, kind: str) -> None:
@@ -134,7 +135,7 @@ def check_comparable(base_arch: dict[str, Any], base_name: str, pers_path: Path,
 
     if kind == "model" or (pers_path / "unet" / "config.json").is_file():
         check_same_architecture(base_arch, architecture(pers_path), base_name, str(pers_path))
-    recorded = trained_base(pers_path) if kind == "output" else None
+    recorded = training_config(pers_path).get("pretrained_model_name_or_path") if kind == "output" else None
     if recorded and Path(resolve_model_path(recorded)).is_dir():
         check_same_architecture(base_arch, architecture(resolve_model_path(recorded)), base_name,
                                 f"{recorded} (the base {pers_path} was trained on)")
@@ -397,13 +398,6 @@ def write_report(folder: Path, report: dict[str, Any], base: Rendered, personali
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}") from None
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .prompts import read_prompt_file
 
@@ -412,19 +406,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         read_prompt_file(args.subject_prompts, "--subject-prompts") if args.subject_prompts else [])
     base, instance_dir = args.base, args.instance_dir
     pers = Path(args.personalized)
-    recorded = pers / "train_config.json"
-    if recorded.is_file():  # a training output knows its base, its subject and its instance images
-        cfg = json.loads(recorded.read_text(encoding="utf-8"))
-        base = base or cfg.get("pretrained_model_name_or_path")
-        instance_dir = instance_dir or cfg.get("instance_data_dir")
-        if instance_dir and not subject:
-            subject = [p for p in (cfg.get("validation_prompt"), cfg.get("instance_prompt")) if p]
+    cfg = training_config(pers)  # a training output knows its base, its subject and its instance images
+    base = base or cfg.get("pretrained_model_name_or_path")
+    instance_dir = instance_dir or cfg.get("instance_data_dir")
+    if instance_dir and not subject:
+        subject = [p for p in (cfg.get("validation_prompt"), cfg.get("instance_prompt")) if p]
     if not base:
         raise NullBoothError("evaluate: expected --base MODEL (the model the personalisation was trained from), "
                              f"got none and {pers} records none")
     req = EvalRequest(
         base=base, personalized=str(pers), prompts=prompts,
-        sampling=Sampling(seeds=args.seeds, steps=args.steps, guidance=args.guidance, resolution=args.resolution,
+        sampling=Sampling(seeds=tuple(args.seeds), steps=args.steps, guidance=args.guidance, resolution=args.resolution,
                           batch=args.batch),
         features=args.features, attributes=args.attributes, subject_prompts=subject, instance_dir=instance_dir,
         k=args.k, output=args.output or str(pers / "evaluation"),
@@ -437,12 +429,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add the ``evaluate`` verb to ``nullbooth``'s sub-parsers."""
+    from .generate import _seeds
+
     p = subparsers.add_parser("evaluate", help="compare a base and a personalised model on prompts with identical seeds")
     p.add_argument("personalized", help="a training output_dir (adapter, unet/, LoRA, Perfusion) or a diffusers folder")
     p.add_argument("--base", help="the base model (default: the one the training output records)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a file with one prompt per line")
-    p.add_argument("--seeds", type=_seeds, default=(0, 1), help="comma-separated seeds (default 0,1)")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")

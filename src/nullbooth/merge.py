@@ -34,7 +34,7 @@ from .collect import (
     PROMPT_FIELDS, StoreSettings, check_writable, identity_key, make_plan, normalize_segments, on_main,
     prompts_identity, run_plan, write_run,
 )
-from .config import Config, NullBoothBlock, config_from_dict
+from .config import Config, NullBoothBlock, config_from_dict, set_dotted
 from .distributed import setup
 from .errors import NullBoothError
 from .prompts import read_prompt_file, warn_truncated
@@ -88,13 +88,7 @@ def config_of_run(run: RunData, *, prompts: str | Path | None = None, output_dir
     data: dict[str, Any] = {"pretrained_model_name_or_path": m["pretrained_model_name_or_path"],
                             "seed": int(run.identity["seed"]), "resolution": int(run.identity["resolution"][0]),
                             "nullbooth": block}
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return config_from_dict(data, f"the settings of {run.path}")
+    return config_from_dict(set_dotted(data, overrides or {}), f"the settings of {run.path}")
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -85,15 +85,12 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     _atomic(path, write)
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-    _atomic(path, write)
-
-
 def write_text(path: Path, text: str) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
@@ -274,7 +271,7 @@ OLD_TIMESTEP_SUMS = Path("stats") / "timestep_sums.safetensors"
 
 
 def write_run_prompts(run_dir: Path, prompts: list[str]) -> None:
-    _atomic(Path(run_dir) / PROMPTS_FILE, lambda tmp: Path(tmp).write_text("\n".join(prompts) + "\n", encoding="utf-8"))
+    write_text(Path(run_dir) / PROMPTS_FILE, "\n".join(prompts) + "\n")
 
 
 def read_run_prompts(run_dir: Path, manifest: Mapping[str, Any] | None = None) -> list[str]:

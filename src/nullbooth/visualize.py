@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NullBoothError
-from .store import layer_dirname, read_json, read_manifest, timestep_dirname, write_json
+from .store import layer_dirname, read_json, read_manifest, timestep_dirname, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -487,15 +486,6 @@ def html_page(title: str, sections: Sequence[str], subtitle: str = "") -> str:
             + f"\n<p class='muted'>written by {html.escape(stamp)}</p></body></html>\n")
 
 
-def _write_text(path: Path, text: str) -> Path:
-    """Write through a temporary file and rename, so a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 # --------------------------------------------------------------------------- run report
 
 
@@ -584,7 +574,8 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None, *, max_attentio
     if others:
         sections.append("<h2>Other pictures</h2>" + "".join(html_figure(p, str(p.relative_to(vis))) for p in others))
 
-    path = _write_text(out_dir / REPORT, html_page(f"NullBooth run {run_dir.name}", sections, str(run_dir)))
+    path = out_dir / REPORT
+    write_text(path, html_page(f"NullBooth run {run_dir.name}", sections, str(run_dir)))
     size = path.stat().st_size
     if size > 50 * 2**20:
         log.warning("%s is %.0f MiB; pass --max-timesteps to embed fewer attention maps", path, size / 2**20)
@@ -737,7 +728,8 @@ def render_training_report(report: Mapping[str, Any], out_html: Path,
                             + html.escape(json.dumps(value, indent=2, default=str)) + "</pre></details>")
     if images:
         sections.append("<h2>Validation images</h2>" + "".join(html_figure(im, cap) for cap, im in images))
-    return _write_text(out_html, html_page(title, sections))
+    write_text(out_html, html_page(title, sections))
+    return out_html
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
