@@ -18,7 +18,7 @@ Methods: ``dreambooth`` (the same cross-attention weights, unconstrained), ``dre
 preservation, ``lora``, ``nullbooth`` at several null-space thresholds (one shared collection run) and
 ``perfusion``.
 
-    python benchmarks/bench_preservation.py --model DIR  # the committed results (≈ 8 min on 2 CPU cores)
+    python benchmarks/bench_preservation.py             # the committed results (≈ 13 min on one CPU thread)
     python benchmarks/bench_preservation.py --quick --out /tmp/b   # a CI-sized slice (a minute or two)
 
 Writes ``preservation.json``, ``preservation.md`` and ``preservation.png`` (fidelity vs preservation) to
@@ -290,10 +290,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax = fig.subplots()
     for r in result["rows"]:
         marker = {"base": "*", "nullbooth": "o", "dreambooth": "s", "lora": "^", "perfusion": "D"}[r["method"]]
-        ax.scatter(r["subject_match"], r["prior_agreement"], marker=marker, s=70)
-        ax.annotate(r["label"], (r["subject_match"], r["prior_agreement"]), textcoords="offset points",
+        # The embedding cosine, not the judged match: the subject's teal/pink is outside the judge's colour vocabulary.
+        ax.scatter(r["subject_fidelity"], r["prior_agreement"], marker=marker, s=70)
+        ax.annotate(r["label"], (r["subject_fidelity"], r["prior_agreement"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("subject fidelity (judged shape/colour/pattern match)")
+    ax.set_xlabel("subject fidelity (judge-embedding cosine to the instance images)")
     ax.set_ylabel("preservation (same-seed attribute agreement)")
     ax.set_title(f"{result['model']}: {result['steps']} steps per method")
     ax.grid(alpha=0.3)

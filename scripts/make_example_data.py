@@ -16,7 +16,7 @@ from nullbooth.world import subject_instances, write_prompt_lists
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "examples"))
-    ap.add_argument("--prior", type=int, default=200, help="prior-knowledge prompts")
+    ap.add_argument("--prior", type=int, default=100, help="prior-knowledge prompts")
     ap.add_argument("--eval", type=int, default=24, help="evaluation / held-out prompts")
     args = ap.parse_args()
     out = Path(args.out)

@@ -10,11 +10,11 @@ in three stages inside one time budget (CPU time of this process by default, see
 2. Latents: a fixed set of world images is encoded once (posterior mean and std); each latent channel is
    standardised by folding the affine map into the VAE's 1×1 convolutions (``scaling_factor`` = 1).
 3. UNet + text encoder: the denoising loss ``E_{t, z0, ε} ‖target − f_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, τ_θ(y))‖²``
-   with the scheduler's target — v = √ᾱ_t ε − √(1−ᾱ_t) z0 for the shipped zero-terminal-SNR schedule
-   (Salimans & Ho 2022; Lin et al. 2024), ε with Min-SNR-γ weights (Hang et al. 2023) otherwise —, 10 %
-   caption dropout for classifier-free guidance, captions re-drawn on every presentation, and an EMA of the
-   weights. The token embedding stays at its random init; after ``--text-frac`` of the stage the whole text
-   encoder is frozen.
+   with the scheduler's target — ε with Min-SNR-γ weights (Hang et al. 2023) for the shipped SD schedule,
+   v = √ᾱ_t ε − √(1−ᾱ_t) z0 for ``--schedule zero-snr`` (Salimans & Ho 2022; Lin et al. 2024) —, 10 % caption
+   dropout for classifier-free guidance, captions re-drawn on every presentation, and an EMA of the weights.
+   The token embedding stays at its random init; after ``--text-frac`` of the stage the whole text encoder is
+   frozen.
 
 Then it saves an fp16 diffusers folder (plain ``StableDiffusionPipeline.from_pretrained`` loads it) and
 measures the quality gate with the judge (``nullbooth.judge``): the fraction of generations for held-out
@@ -267,6 +267,7 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
     unet.set_attn_processor(AttnProcessor())  # plain bmm attention: faster than SDPA on CPU for 1–2 heads
+    unet.to(memory_format=torch.channels_last)  # oneDNN convolutions: 15 % faster steps (measured, one thread)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas_cumprod = noise_sched.alphas_cumprod.float()  # ᾱ_t, [T]
     snr = alphas_cumprod / (1 - alphas_cumprod)  # SNR(t) = ᾱ_t / (1 − ᾱ_t)
@@ -318,7 +319,7 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
             enc = text_encoder(ids)[0]
         eps = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=gen)
-        zt = noise_sched.add_noise(z0, eps, t)  # √ᾱ_t z0 + √(1−ᾱ_t) ε
+        zt = noise_sched.add_noise(z0, eps, t).contiguous(memory_format=torch.channels_last)  # √ᾱ_t z0 + √(1−ᾱ_t) ε
         try:
             pred = unet_fwd(zt, t, enc).sample  # ε_θ, [B, 4, h, w]
         except Exception as err:  # compilation happens at the first call; fall back rather than lose the run
@@ -350,6 +351,7 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
             folder = args.out.with_name(f"{args.out.name}.snap-{(clock.now() - clock.t0) / 60:04.1f}min")
             snap = copy.deepcopy(pipe)
             snap.unet.set_default_attn_processor()
+            snap.unet.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
             snap.to(torch.float16).save_pretrained(folder, safe_serialization=True)
             ema.swap()
             log.info("snapshot %s at step %d", folder, step)
@@ -358,6 +360,7 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
                      (clock.now() - t_start) / step)
     ema.copy_to()
     unet.set_default_attn_processor()
+    unet.to(memory_format=torch.contiguous_format)
     unet.eval()
     text_encoder.eval()
     return {"steps": step, "samples_seen": step * args.batch, "final_mse": float(np.mean(recent[-200:] or [0]))}
@@ -445,18 +448,20 @@ def parse_args(argv=None):
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--n-images", type=int, default=24000, help="encoded training images")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
-    p.add_argument("--text-frac", type=float, default=0.5, help="train the text encoder for this fraction")
+    p.add_argument("--text-frac", type=float, default=0.35, help="train the text encoder for this fraction")
     p.add_argument("--eval-n", type=int, default=100, help="prompts per gate split")
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--judge", type=str, default=None, help="judge folder (default: the shipped judge)")
     p.add_argument("--unet-channels", type=str, default=None, help="e.g. 32,64,64 (default: nullbooth.models.WORLD_ARCH)")
     p.add_argument("--vae-channels", type=str, default=None, help="e.g. 16,32,64,64 (latent = 64 / 2^(n−1))")
+    p.add_argument("--schedule", choices=("sd", "ddpm", "zero-snr"), default=None,
+                   help="noise schedule (default: nullbooth.models.WORLD_ARCH's), see TinyArch.schedule")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the UNet for training (default on)")
     p.add_argument("--snapshot-every", type=float, default=0.0, help="save EMA snapshots every N minutes")
@@ -478,6 +483,8 @@ def parse_args(argv=None):
     if args.vae_channels:
         vae_ch = tuple(int(c) for c in args.vae_channels.split(","))
         arch = replace(arch, vae_channels=vae_ch, latent_size=64 // 2 ** (len(vae_ch) - 1))
+    if args.schedule:
+        arch = replace(arch, schedule=args.schedule)
     args.arch = arch
     return args
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PROMPTS, small_config, write_prompts
+from conftest import PROMPTS, first_attn2, small_config, write_prompts
 
 from nullbooth.capture import cross_attention_layers, record_inputs
 from nullbooth.cli import main as cli_main
@@ -145,7 +145,7 @@ def test_store_layout_matches_the_seed(tiny_run):
     assert len(inodes) == 1
 
 
-def test_seed_loader_reads_every_run(tiny_run):
+def test_seed_loader_reads_every_run(tiny_run, tiny_pipe):
     """The seed's own loader, verbatim in behaviour: string paths, np.load, optional projection."""
     run_dir, _ = tiny_run
 
@@ -158,7 +158,7 @@ def test_seed_loader_reads_every_run(tiny_run):
             meta = json.load(f)
         return {"covariance": cov, "projection": proj, "metadata": meta}
 
-    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    layer = first_attn2(tiny_pipe.unet)
     ours = load_covariance_data(333, layer, "out", str(run_dir))
     seeds = seed_load_covariance_data(333, layer, "out", str(run_dir))
     assert np.array_equal(ours["covariance"], seeds["covariance"]) and ours["metadata"] == seeds["metadata"]
@@ -267,11 +267,11 @@ def test_cli_inspect_clip_covariance_modes(capsys, caplog):
     assert "null space is empty" in caplog.text
 
 
-def test_cli_inspect_and_validate_run(tiny_run, capsys):
+def test_cli_inspect_and_validate_run(tiny_run, tiny_pipe, capsys):
     run_dir, _ = tiny_run
     assert cli_main(["inspect", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "null_dim" in out and "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in out
+    assert "null_dim" in out and first_attn2(tiny_pipe.unet) in out
     assert cli_main(["validate", str(run_dir)]) == 0
     assert "0 problem(s)" in capsys.readouterr().out
 
@@ -332,8 +332,8 @@ def test_prompt_file_problems(tmp_path, tiny_pipe, caplog):
 
 
 def test_unknown_layer_indices_and_unwritable_output(tmp_path, tiny_pipe):
-    with pytest.raises(NullBoothError, match=r"indices \[7, 9\] do not exist; this UNet has 4"):
-        collect(small_config(tmp_path, cross_attention_layers=[0, 7, 9]), pipe=tiny_pipe, progress=False)
+    with pytest.raises(NullBoothError, match=r"indices \[70, 90\] do not exist; this UNet has \d+ attn2 layers"):
+        collect(small_config(tmp_path, cross_attention_layers=[0, 70, 90]), pipe=tiny_pipe, progress=False)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(NullBoothError, match="cannot write"):
@@ -366,3 +366,16 @@ def test_missing_model_folder_is_one_line(tmp_path):
     result = _run_cli(["collect", "--config", str(path)], timeout=120)
     assert result.returncode == 2 and "model_index.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_attention_levels_place_cross_attention_and_bad_levels_are_refused():
+    from nullbooth.models import TinyArch, build_tiny_pipeline
+
+    arch = TinyArch(text_layers=1, unet_channels=(8, 16, 16), norm_groups=8, attention_levels=(1, 2))
+    unet = build_tiny_pipeline(arch).unet
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert unet.config.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    attn2 = [n for n, _ in unet.named_modules() if n.endswith("attn2")]
+    assert attn2 and not any(n.startswith(("down_blocks.0.", "up_blocks.2.")) for n in attn2)
+    with pytest.raises(NullBoothError, match=r"attention_levels: expected levels in 0..2, got \(3,\)"):
+        build_tiny_pipeline(TinyArch(unet_channels=(8, 16, 16), norm_groups=8, attention_levels=(3,)))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, small_config
+from conftest import PROMPTS, first_attn2, small_config
 from PIL import Image
 
 from nullbooth.attention_maps import (
@@ -198,9 +198,10 @@ def test_heatmap_draws_the_stored_null_dims(pictured_run, tiny_pipe, tmp_path):
         np.testing.assert_array_equal(summary.null_dim[f], expected)
     saved = json.loads((tmp_path / "covariance_statistics.json").read_text())
     assert saved["null_space_dim"]["q"] == summary.null_dim["q"].tolist()
-    # Sample counts of layer 0 (at the latent resolution): q rows = 3 prompts × 2 (CFG) × latent pixels × 2
-    # timesteps; text rows = 3 prompts × 2 × 77 tokens (once, whatever the timesteps).
-    pixels = tiny_pipe.unet.config.sample_size ** 2
+    # Sample counts of layer 0 (the first cross-attention, in down block ℓ at (latent / 2^ℓ)² pixels): q rows =
+    # 3 prompts × 2 (CFG) × pixels × 2 timesteps; text rows = 3 prompts × 2 × 77 tokens (once, whatever the timesteps).
+    level = int(first_attn2(tiny_pipe.unet).split(".")[1])
+    pixels = (tiny_pipe.unet.config.sample_size // 2**level) ** 2
     assert summary.summed_count["q"][0] == 3 * 2 * pixels * 2
     assert summary.summed_count["k"][0] == summary.summed_count["v"][0] == 3 * 2 * 77
     assert (summary.n_samples["q"][0] == 3 * 2 * pixels).all()

@@ -302,8 +302,11 @@ class Lora(Method):
         self._freeze(pipe)
         self.stats_run = stats_run
         self.W0 = {p: m.weight.detach().clone() for p, m in self.targets.items()}
-        pipe.unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank,
-                                         init_lora_weights="gaussian", target_modules=list(self.targets)))
+        # peft draws A from the global RNG; seeding it from the config makes a run reproducible.
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            pipe.unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank,
+                                             init_lora_weights="gaussian", target_modules=list(self.targets)))
         return [{"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": self.lr}]
 
     def weight_changes(self) -> WeightChanges:
