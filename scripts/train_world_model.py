@@ -453,7 +453,7 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
-    p.add_argument("--text-frac", type=float, default=0.35, help="train the text encoder for this fraction")
+    p.add_argument("--text-frac", type=float, default=0.0, help="train the text encoder for this fraction")
     p.add_argument("--eval-n", type=int, default=100, help="prompts per gate split")
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)

@@ -251,10 +251,8 @@ def test_shipped_world_model_loads_with_plain_diffusers():
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     gate = json.loads((folder / "nullbooth_world_model.json").read_text())["quality_gate"]
-    # What the shipped model reaches (README): seen compositions and held-out colours ≥ 0.8; held-out shape +
-    # colour (the issue's gate) is recorded, not yet ≥ 0.8.
-    assert gate["train"]["shape_and_colour"] >= 0.8 and gate["heldout"]["colour"] >= 0.8
-    assert 0.0 <= gate["heldout"]["shape_and_colour"] <= 1.0 and gate["heldout"]["n"] == 100
+    assert gate["heldout"]["shape_and_colour"] >= 0.8 and gate["heldout"]["n"] == 100  # the quality gate
+    assert gate["train"]["shape_and_colour"] >= 0.8
 
 
 def _judged_ok(pipe, prompts: list[str], gate: dict) -> dict[str, float]:
@@ -274,8 +272,8 @@ def test_shipped_world_model_draws_what_it_is_prompted():
     """A small re-measurement of the recorded gate with the shipped weights and the shipped judge.
 
     20 prompts of seen shape × colour pairs and 20 of held-out pairs (never captioned in training), at the gate's
-    settings. The recorded rates (100 prompts) are 1.0 and 0.99 (colour); with 20 samples a true rate of 0.95 falls
-    below 0.8 with probability < 2 % (binomial).
+    settings. The recorded rates (100 prompts) are 1.0 and 0.95; with 20 samples a true rate of 0.95 falls below
+    0.7 with probability < 0.1 % (binomial).
     """
     from nullbooth.models import load_pipeline
 
@@ -284,4 +282,4 @@ def test_shipped_world_model_draws_what_it_is_prompted():
     seen = _judged_ok(pipe, prior_prompts(20, seed=123), gate)
     held = _judged_ok(pipe, [p for p, _ in heldout_prompts(20, seed=123)], gate)
     assert seen["both"] >= 0.8, seen
-    assert held["colour"] >= 0.8, held
+    assert held["both"] >= 0.7, held
