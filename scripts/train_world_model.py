@@ -382,25 +382,14 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, b
 
 
 def quality_gate(pipe, judge, n: int, steps: int, guidance: float, seed: int) -> dict:
-    """Fraction of held-out-pair generations whose judged shape and colour match the prompt."""
-    result = {}
-    held = heldout_prompts(n, seed=seed)
-    train_prompts = prior_prompts(n, seed=seed + 7)
-    from nullbooth.world import parse_prompt
+    """Fraction of held-out-pair (and seen-pair) generations whose judged shape and colour match the prompt."""
+    from nullbooth.judge import shape_colour_match
 
-    for name, prompts in (("heldout", [p for p, _ in held]), ("train", train_prompts)):
+    result = {}
+    for name, prompts in (("heldout", [p for p, _ in heldout_prompts(n, seed=seed)]),
+                          ("train", prior_prompts(n, seed=seed + 7))):
         images = generate(pipe, prompts, seed, steps, guidance)
-        pred = judge.predict(images)
-        ok_shape = ok_colour = ok_both = 0
-        for k, p in enumerate(prompts):
-            want = parse_prompt(p)
-            s = pred["shape"][k] == want["shape"]
-            c = pred["colour"][k] == want["colour"]
-            ok_shape += s
-            ok_colour += c
-            ok_both += s and c
-        result[name] = {"n": len(prompts), "shape": ok_shape / len(prompts), "colour": ok_colour / len(prompts),
-                        "shape_and_colour": ok_both / len(prompts)}
+        result[name] = shape_colour_match(judge, images, prompts)
         result[name + "_images"] = images
     return result
 

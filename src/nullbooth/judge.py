@@ -28,7 +28,7 @@ from PIL import Image
 
 from . import __version__
 from .errors import NullBoothError
-from .world import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, World, WorldConfig
+from .world import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, World, WorldConfig, parse_prompt
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,18 @@ def load_judge(folder: str | Path | None = None) -> Judge:
     return Judge.load(JUDGE_DIR if folder is None else folder)
 
 
+def shape_colour_match(judge: Judge, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, float]:
+    """The world model's quality gate: the fraction of images whose judged shape, colour, and both, are what
+    prompt ``i`` states (image ``i`` was drawn for prompt ``i``)."""
+    judged = judge.predict(images)
+    want = [parse_prompt(p) for p in prompts]
+    shape = [judged["shape"][i] == w["shape"] for i, w in enumerate(want)]
+    colour = [judged["colour"][i] == w["colour"] for i, w in enumerate(want)]
+    n = len(want)
+    return {"n": n, "shape": sum(shape) / n, "colour": sum(colour) / n,
+            "shape_and_colour": sum(s and c for s, c in zip(shape, colour)) / n}
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -232,9 +244,9 @@ def _render_set(world: World, pattern_world: World, n: int, seed: int, pattern_f
         a = w.sample_attributes(rng, "all")
         # Stripe/dot period and angle vary so the pattern head reads textures of any scale (the subject's stripes
         # are twice as wide as the world's default ones; a judge trained on one period called them "solid").
-        period, angle = (float(rng.uniform(0.07, 0.18)) * res, float(rng.uniform(0, 180))) if a.pattern != "solid" \
-            else (None, 45.0)
-        x[i] = np.asarray(w.render(a, pattern_period=period, pattern_angle=angle))
+        texture = {} if a.pattern == "solid" else {"pattern_period": float(rng.uniform(0.07, 0.18)) * res,
+                                                   "pattern_angle": float(rng.uniform(0, 180))}
+        x[i] = np.asarray(w.render(a, **texture))
         for k, v in a.labels().items():
             labels[k][i] = v
     xt = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
