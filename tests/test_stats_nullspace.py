@@ -104,6 +104,19 @@ def test_empty_null_space_warns_with_a_fix():
     assert ns.null_dim == 0 and ns.projector().abs().max() == 0
 
 
+def test_degenerate_null_space_fix_fits_the_mode():
+    """The fix a warning suggests must move the threshold the right way for the mode in use (and not suggest the
+    mode the user already has)."""
+    C = np.load(CLIP_COV, allow_pickle=False)
+    with pytest.warns(UserWarning, match=r"empty.*raise nullbooth.nullspace_threshold above λ_min / λ_max.*'energy'") as rec:
+        null_space(C, "relative", 1e-5, name="clip/k")
+    assert "nullspace_mode 'relative'" not in str(rec[0].message)
+    with pytest.warns(UserWarning, match="whole 768-dim.*raise nullbooth.nullspace_threshold, the rank kept"):
+        null_space(C, "rank", 0, name="clip/k")
+    with pytest.warns(UserWarning, match="empty.*lower nullbooth.nullspace_threshold, the rank kept"):
+        null_space(C, "rank", 768, name="clip/k")
+
+
 @pytest.mark.parametrize("mode,value", [("relative", 1.5), ("energy", -0.1), ("rank", 2.5), ("percentile", 101), ("absolute", -1)])
 def test_threshold_out_of_range(mode, value):
     with pytest.raises(NullBoothError, match=mode):

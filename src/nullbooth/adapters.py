@@ -38,7 +38,7 @@ from . import __version__
 from .capture import WEIGHT_OF_FEATURE, CrossAttentionLayer
 from .config import FEATURES, NullspaceMode
 from .errors import NullBoothError
-from .nullspace import null_space
+from .nullspace import empty_fix, full_fix, null_space
 from .stats import SecondMoment
 from .store import load_summed_statistics, load_tensors, read_json, read_manifest, save_tensors, write_json
 
@@ -413,15 +413,15 @@ def _warn_degenerate(info: Mapping[str, Mapping[str, Any]], mode: str, threshold
         warnings.warn(
             f"{len(empty)} of {len(info)} weights have an empty null space under nullspace_mode '{mode}' "
             f"threshold {threshold:g} (smallest λ_min among them {lam_min:.4g}): nothing can be learned in "
-            f"{', '.join(empty[:4])}{', …' if len(empty) > 4 else ''}; raise nullbooth.nullspace_threshold above "
-            "λ_min, or use nullspace_mode 'relative' (e.g. 1e-3) or 'energy' (e.g. 1e-3)",
+            f"{', '.join(empty[:4])}{', …' if len(empty) > 4 else ''}; "
+            f"{empty_fix(mode, [(info[p]['lambda_min'], info[p]['lambda_max']) for p in empty])}",
             stacklevel=3,
         )
     if full:
         warnings.warn(
             f"{len(full)} of {len(info)} weights have a null space equal to their whole input space under "
             f"nullspace_mode '{mode}' threshold {threshold:g}: nothing is protected in "
-            f"{', '.join(full[:4])}{', …' if len(full) > 4 else ''}; lower the threshold or collect more prompts",
+            f"{', '.join(full[:4])}{', …' if len(full) > 4 else ''}; {full_fix(mode)}",
             stacklevel=3,
         )
 

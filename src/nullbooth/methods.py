@@ -35,6 +35,7 @@ from .adapters import (
 from .capture import cross_attention_layers
 from .config import Config
 from .errors import NullBoothError
+from .nullspace import empty_fix
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +191,10 @@ class NullBooth(Method):
                                           nb.nullspace_threshold)
         self.bases = {p: U for p, U in bases.items() if U.shape[1] > 0}
         if not self.bases:
-            lam_min = min(i["lambda_min"] for i in self.info.values())
+            spectra = [(i["lambda_min"], i["lambda_max"]) for i in self.info.values()]
             raise NullBoothError(
                 f"every null space of {stats_run} is empty under nullspace_mode '{nb.nullspace_mode}' threshold "
-                f"{nb.nullspace_threshold:g} (smallest eigenvalue {lam_min:.4g}): nothing can be trained; raise "
-                "nullbooth.nullspace_threshold above it or use nullspace_mode 'relative' (e.g. 1e-3) or 'energy'"
+                f"{nb.nullspace_threshold:g}: nothing can be trained; {empty_fix(nb.nullspace_mode, spectra)}"
             )
         self._freeze(pipe)
         self.update = self.cfg.nullbooth_update
@@ -230,7 +230,8 @@ class NullBooth(Method):
 
     def report(self) -> dict[str, dict[str, Any]]:
         return {p: {"trained": p in self.bases, "dim": i["dim"], "null_dim": i["null_dim"],
-                    "lambda_max_null": i["lambda_max_null"], "lambda_min": i["lambda_min"]}
+                    "lambda_max_null": i["lambda_max_null"], "lambda_min": i["lambda_min"],
+                    "lambda_max": i["lambda_max"]}
                 for p, i in self.info.items()}
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ update on the preserved inputs is bounded by ``‖Δ' K₀‖²_F / n ≤ ‖Δ�
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,18 +110,54 @@ def null_space(C: torch.Tensor | np.ndarray, mode: NullspaceMode = "absolute", t
     return NullSpace(spec.eigenvectors[:, :k].contiguous(), spec.eigenvalues, mode, threshold)
 
 
+_WIDEN = {
+    "absolute": "raise nullbooth.nullspace_threshold above λ_min{needed}, or use nullspace_mode 'relative' (e.g. 1e-3) "
+                "or 'energy' (e.g. 1e-3)",
+    "relative": "raise nullbooth.nullspace_threshold above λ_min / λ_max{needed} (e.g. 1e-3), or use nullspace_mode "
+                "'energy' (e.g. 1e-3)",
+    "energy": "raise nullbooth.nullspace_threshold, the share of Σλ the null space may hold (e.g. 1e-3)",
+    "rank": "lower nullbooth.nullspace_threshold, the rank kept as knowledge, below the input dimension",
+    "percentile": "raise nullbooth.nullspace_threshold, a percentile of the spectrum (e.g. 5)",
+}
+_NARROW = {
+    "absolute": "lower nullbooth.nullspace_threshold below λ_max or collect more prompts",
+    "relative": "lower nullbooth.nullspace_threshold below 1 or collect more prompts",
+    "energy": "lower nullbooth.nullspace_threshold below 1 or collect more prompts",
+    "rank": "raise nullbooth.nullspace_threshold, the rank kept as knowledge, above 0",
+    "percentile": "lower nullbooth.nullspace_threshold below 100 or collect more prompts",
+}
+
+
+def empty_fix(mode: str, spectra: Iterable[tuple[float, float]] = ()) -> str:
+    """How to get a non-empty null space under ``mode`` (the end of every empty-null-space message).
+
+    ``spectra``: ``(λ_min, λ_max)`` of the weights whose null space is empty; for the absolute and relative modes the
+    fix then names the threshold that opens all of them.
+    """
+    spectra = list(spectra)
+    needed = ""
+    if spectra and mode in ("absolute", "relative"):
+        value = max(lo if mode == "absolute" else lo / hi for lo, hi in spectra)
+        needed = f" (up to {value:.3g} among them)" if len(spectra) > 1 else f" ({value:.3g} here)"
+    return _WIDEN.get(mode, _WIDEN["absolute"]).format(needed=needed)
+
+
+def full_fix(mode: str) -> str:
+    """How to keep some directions protected under ``mode`` (the end of every whole-space message)."""
+    return _NARROW.get(mode, _NARROW["absolute"])
+
+
 def warn_if_degenerate(name: str, k: int, d: int, eigenvalues: torch.Tensor, mode: str, threshold: float) -> None:
     if k == 0:
         warnings.warn(
             f"{name}: the null space is empty ({mode} threshold {threshold:g}, λ_min = {float(eigenvalues[0]):.4g}): "
-            "nothing can be learned in this weight; raise the threshold or use nullspace_mode 'relative' (e.g. 1e-3) "
-            "or 'energy'",
+            f"nothing can be learned in this weight; {empty_fix(mode, [(float(eigenvalues[0]), float(eigenvalues[-1]))])}",
             stacklevel=3,
         )
     elif k == d:
         warnings.warn(
             f"{name}: the null space is the whole {d}-dim input space ({mode} threshold {threshold:g}, "
-            f"λ_max = {float(eigenvalues[-1]):.4g}): nothing is protected; lower the threshold or collect more prompts",
+            f"λ_max = {float(eigenvalues[-1]):.4g}): nothing is protected; {full_fix(mode)}",
             stacklevel=3,
         )
 

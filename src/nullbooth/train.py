@@ -42,6 +42,7 @@ from .data import (
 )
 from .errors import NullBoothError
 from .methods import Method, make_method
+from .nullspace import empty_fix
 from .prompts import read_prompt_file
 from .stats import SecondMoment
 from .store import load_summed_statistics, load_tensors, read_json, read_manifest, save_tensors, write_json
@@ -559,10 +560,10 @@ def build_report(cfg: Config, method: Method, stats_run: Path | None, heldout: d
     warnings_ = []
     for row in rows:
         if row.get("null_dim") == 0:
-            warnings_.append(f"{row['weight']}: the null space is empty (λ_min = {row.get('lambda_min', float('nan')):.4g} "
-                             f"≥ {cfg.nullbooth.nullspace_mode} threshold {cfg.nullbooth.nullspace_threshold:g}): "
-                             "nothing was learned there; raise nullbooth.nullspace_threshold or use nullspace_mode "
-                             "'relative' (e.g. 1e-3) or 'energy'")
+            spectrum = [(row["lambda_min"], row["lambda_max"])] if "lambda_max" in row else []
+            warnings_.append(f"{row['weight']}: the null space is empty ({cfg.nullbooth.nullspace_mode} threshold "
+                             f"{cfg.nullbooth.nullspace_threshold:g}): nothing was learned there; "
+                             f"{empty_fix(cfg.nullbooth.nullspace_mode, spectrum)}")
     for w in warnings_:
         log.warning(w)
 
