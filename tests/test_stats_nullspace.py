@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from nullbooth.errors import NullBoothError
-from nullbooth.nullspace import null_dimension, null_space, spectrum, validate_covariance
+from nullbooth.nullspace import empty_fix, null_dimension, null_space, spectrum, validate_covariance
 from nullbooth.stats import SecondMoment, merge_all
 
 CLIP_COV = Path(__file__).resolve().parents[1] / "src" / "nullbooth" / "data" / "clip_vit_l14_text_covariance.npy"
@@ -115,6 +116,15 @@ def test_degenerate_null_space_fix_fits_the_mode():
         null_space(C, "rank", 0, name="clip/k")
     with pytest.warns(UserWarning, match="empty.*lower nullbooth.nullspace_threshold, the rank kept"):
         null_space(C, "rank", 768, name="clip/k")
+
+    # The threshold a message names opens every weight it lists: just above it, none is empty.
+    spectra = [torch.tensor([1.0, 3.0, 10.0]), torch.tensor([2.0, 2.5, 4.0])]
+    for mode in ("absolute", "relative"):
+        message = empty_fix(mode, [(float(lam[0]), float(lam[-1])) for lam in spectra])
+        named = float(re.search(r"\(([\d.e+-]+) opens all 2\)", message)[1])
+        assert named == (2.0 if mode == "absolute" else 0.5)
+        assert all(null_dimension(lam, mode, named * 1.001) >= 1 for lam in spectra)
+        assert any(null_dimension(lam, mode, named) == 0 for lam in spectra)
 
 
 @pytest.mark.parametrize("mode,value", [("relative", 1.5), ("energy", -0.1), ("rank", 2.5), ("percentile", 101), ("absolute", -1)])

@@ -409,10 +409,9 @@ def _warn_degenerate(info: Mapping[str, Mapping[str, Any]], mode: str, threshold
     empty = [p for p, i in info.items() if i["null_dim"] == 0]
     full = [p for p, i in info.items() if i["null_dim"] == i["dim"]]
     if empty:
-        lam_min = min(info[p]["lambda_min"] for p in empty)
         warnings.warn(
             f"{len(empty)} of {len(info)} weights have an empty null space under nullspace_mode '{mode}' "
-            f"threshold {threshold:g} (smallest λ_min among them {lam_min:.4g}): nothing can be learned in "
+            f"threshold {threshold:g}: nothing can be learned in "
             f"{', '.join(empty[:4])}{', …' if len(empty) > 4 else ''}; "
             f"{empty_fix(mode, [(info[p]['lambda_min'], info[p]['lambda_max']) for p in empty])}",
             stacklevel=3,

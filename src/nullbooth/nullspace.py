@@ -113,8 +113,8 @@ def null_space(C: torch.Tensor | np.ndarray, mode: NullspaceMode = "absolute", t
 _WIDEN = {
     "absolute": "raise nullbooth.nullspace_threshold above λ_min{needed}, or use nullspace_mode 'relative' (e.g. 1e-3) "
                 "or 'energy' (e.g. 1e-3)",
-    "relative": "raise nullbooth.nullspace_threshold above λ_min / λ_max{needed} (e.g. 1e-3), or use nullspace_mode "
-                "'energy' (e.g. 1e-3)",
+    "relative": "raise nullbooth.nullspace_threshold above λ_min / λ_max{needed}, or use nullspace_mode 'energy' "
+                "(e.g. 1e-3)",
     "energy": "raise nullbooth.nullspace_threshold, the share of Σλ the null space may hold (e.g. 1e-3)",
     "rank": "lower nullbooth.nullspace_threshold, the rank kept as knowledge, below the input dimension",
     "percentile": "raise nullbooth.nullspace_threshold, a percentile of the spectrum (e.g. 5)",
@@ -138,7 +138,7 @@ def empty_fix(mode: str, spectra: Iterable[tuple[float, float]] = ()) -> str:
     needed = ""
     if spectra and mode in ("absolute", "relative"):
         value = max(lo if mode == "absolute" else lo / hi for lo, hi in spectra)
-        needed = f" (up to {value:.3g} among them)" if len(spectra) > 1 else f" ({value:.3g} here)"
+        needed = f" ({value:.3g} opens all {len(spectra)})" if len(spectra) > 1 else f" ({value:.3g} here)"
     return _WIDEN.get(mode, _WIDEN["absolute"]).format(needed=needed)
 
 
@@ -151,7 +151,8 @@ def warn_if_degenerate(name: str, k: int, d: int, eigenvalues: torch.Tensor, mod
     if k == 0:
         warnings.warn(
             f"{name}: the null space is empty ({mode} threshold {threshold:g}, λ_min = {float(eigenvalues[0]):.4g}): "
-            f"nothing can be learned in this weight; {empty_fix(mode, [(float(eigenvalues[0]), float(eigenvalues[-1]))])}",
+            f"nothing can be learned in this weight; "
+            f"{empty_fix(mode, [(float(eigenvalues[0]), float(eigenvalues[-1]))])}",
             stacklevel=3,
         )
     elif k == d:
