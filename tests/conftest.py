@@ -18,11 +18,6 @@ torch.set_num_threads(1)
 PROMPTS = ["a red circle on the left", "a small blue square", "a green triangle at the top, white background"]
 
 
-def first_attn2(unet) -> str:
-    """Module path of the UNet's first cross-attention (which level has one depends on the architecture)."""
-    return next(name for name, _ in unet.named_modules() if name.endswith("attn2"))
-
-
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from nullbooth.models import load_pipeline

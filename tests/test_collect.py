@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PROMPTS, first_attn2, small_config, write_prompts
+from conftest import PROMPTS, small_config, write_prompts
 
 from nullbooth.capture import cross_attention_layers, record_inputs
 from nullbooth.cli import main as cli_main
@@ -158,7 +158,7 @@ def test_seed_loader_reads_every_run(tiny_run, tiny_pipe):
             meta = json.load(f)
         return {"covariance": cov, "projection": proj, "metadata": meta}
 
-    layer = first_attn2(tiny_pipe.unet)
+    layer = cross_attention_layers(tiny_pipe.unet)[0].name
     ours = load_covariance_data(333, layer, "out", str(run_dir))
     seeds = seed_load_covariance_data(333, layer, "out", str(run_dir))
     assert np.array_equal(ours["covariance"], seeds["covariance"]) and ours["metadata"] == seeds["metadata"]
@@ -271,7 +271,7 @@ def test_cli_inspect_and_validate_run(tiny_run, tiny_pipe, capsys):
     run_dir, _ = tiny_run
     assert cli_main(["inspect", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "null_dim" in out and first_attn2(tiny_pipe.unet) in out
+    assert "null_dim" in out and cross_attention_layers(tiny_pipe.unet)[0].name in out
     assert cli_main(["validate", str(run_dir)]) == 0
     assert "0 problem(s)" in capsys.readouterr().out
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, first_attn2, small_config
+from conftest import PROMPTS, small_config
 from PIL import Image
 
 from nullbooth.attention_maps import (
@@ -200,7 +200,7 @@ def test_heatmap_draws_the_stored_null_dims(pictured_run, tiny_pipe, tmp_path):
     assert saved["null_space_dim"]["q"] == summary.null_dim["q"].tolist()
     # Sample counts of layer 0 (the first cross-attention, in down block ℓ at (latent / 2^ℓ)² pixels): q rows =
     # 3 prompts × 2 (CFG) × pixels × 2 timesteps; text rows = 3 prompts × 2 × 77 tokens (once, whatever the timesteps).
-    level = int(first_attn2(tiny_pipe.unet).split(".")[1])
+    level = int(cross_attention_layers(tiny_pipe.unet)[0].name.split(".")[1])
     pixels = (tiny_pipe.unet.config.sample_size // 2**level) ** 2
     assert summary.summed_count["q"][0] == 3 * 2 * pixels * 2
     assert summary.summed_count["k"][0] == summary.summed_count["v"][0] == 3 * 2 * 77
