@@ -43,8 +43,8 @@ def config(model: str, prompts: Path, out: Path, steps: int, batch: int):
 
 
 def time_pair(model: str, n: int, steps: int, batch: int, repeats: int) -> dict:
-    from nullbooth.collect import collect, make_scheduler
     from nullbooth.models import load_pipeline
+    from nullbooth.runs.collect import collect, make_scheduler
 
     pipe = load_pipeline(model)
     prompts = make_prompts(n)
@@ -78,7 +78,7 @@ import resource, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, {str(HERE)!r})
 from bench_collect import config, make_prompts
-from nullbooth.collect import collect
+from nullbooth.runs.collect import collect
 with tempfile.TemporaryDirectory() as tmp:
     p = Path(tmp) / "p.txt"; p.write_text("\\n".join(make_prompts({n})))
     collect(config({model!r}, p, Path(tmp) / "cov", {steps}, {batch}), fresh=True, progress=False)

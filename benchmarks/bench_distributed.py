@@ -7,7 +7,7 @@ load included) and the collection time measured inside rank 0 (from ``collect()`
 sampling, checkpoints, the float64 reduction and the null spaces). Also checked: the two results agree
 (max relative Frobenius difference of the summed float64 statistics).
 Size: bytes of a run per storage mode for SD 1.5 shapes (16 attn2 layers, q/out widths 320×5, 640×5,
-1280×6, text 768, 50 timesteps), computed by :func:`nullbooth.compress.sd15_store_sizes`; and the
+1280×6, text 768, 50 timesteps), computed by :func:`nullbooth.stats.compress.sd15_store_sizes`; and the
 measured bytes, reconstruction errors and null-dimension changes of this benchmark's run re-stored in
 each mode.
 
@@ -40,9 +40,9 @@ def worker(config_path: str, report: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from nullbooth.collect import collect
     from nullbooth.config import load_config
     from nullbooth.models import load_pipeline
+    from nullbooth.runs.collect import collect
 
     cfg = load_config(config_path)
     pipe = load_pipeline(cfg.pretrained_model_name_or_path)
@@ -68,7 +68,7 @@ def launch(processes: int, config_path: Path, report: Path) -> dict:
 
 
 def max_rel_difference(a: Path, b: Path) -> float:
-    from nullbooth.store import RunData
+    from nullbooth.runs.layout import RunData
 
     x, y = RunData(a), RunData(b)
     return max(float((x.summed[k].sum - y.summed[k].sum).norm() / y.summed[k].sum.norm()) for k in y.summed)
@@ -76,8 +76,8 @@ def max_rel_difference(a: Path, b: Path) -> float:
 
 def restored_sizes(run: Path, tmp: Path) -> list[dict]:
     """This run re-stored in every mode: measured bytes of the matrices, worst error, null-dimension changes."""
-    from nullbooth.merge import merge_runs
-    from nullbooth.store import read_manifest
+    from nullbooth.runs.layout import read_manifest
+    from nullbooth.runs.merge import merge_runs
 
     rows = []
     for storage, energy in [("float32", None), ("float16", None), ("eigh", 0.9999), ("eigh", 0.99)]:
@@ -109,7 +109,7 @@ def main() -> None:
 
     import yaml
 
-    from nullbooth.compress import sd15_store_sizes
+    from nullbooth.stats.compress import sd15_store_sizes
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -3,7 +3,7 @@
 The subject is one particular star (teal with pink diagonal stripes — a texture and colours the base world
 never shows); the base model is the bundled ``tiny-sd``, trained on the world. Every method trains the same
 number of steps on the same five instance images and batch, then is scored against the base model with the
-same prompts and seeds (:mod:`nullbooth.evaluate`):
+same prompts and seeds (:mod:`nullbooth.eval.evaluate`):
 
 - **fidelity**: on the subject prompts (``a sks star on the left`` …), how often the judge sees the
   instance images' shape, colour and pattern (``subject_match``: all three), and the mean judge-embedding
@@ -83,7 +83,7 @@ class Inputs:
 
 
 def write_inputs(work: Path, args: argparse.Namespace) -> Inputs:
-    from nullbooth import world
+    from nullbooth.world import scenes as world
 
     inst = work / "instance"
     inst.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def write_inputs(work: Path, args: argparse.Namespace) -> Inputs:
 
 def train_config(args: argparse.Namespace, inputs: Inputs, v: Variant, out: Path, stats_run: Path | None):
     from nullbooth.config import config_from_dict
-    from nullbooth.world import SUBJECT, instance_prompt
+    from nullbooth.world.scenes import SUBJECT, instance_prompt
 
     cfg: dict[str, Any] = {
         "pretrained_model_name_or_path": args.model, "seed": 0, "method": v.method, "output_dir": str(out),
@@ -127,7 +127,7 @@ def train_config(args: argparse.Namespace, inputs: Inputs, v: Variant, out: Path
 
 
 def subject_prompts_for(v: Variant, prompts: list[str]) -> list[str]:
-    from nullbooth.world import SUBJECT
+    from nullbooth.world.scenes import SUBJECT
 
     if v.method != "perfusion":
         return prompts
@@ -147,7 +147,7 @@ class Renders:
 
 
 def render_sets(pipe, v: Variant | None, inputs: Inputs, sampling) -> Renders:
-    from nullbooth.evaluate import render
+    from nullbooth.eval.evaluate import render
 
     subject = inputs.subject_prompts if v is None else subject_prompts_for(v, inputs.subject_prompts)
     return Renders(render(pipe, subject, sampling), render(pipe, inputs.eval_prompts, sampling),
@@ -156,7 +156,7 @@ def render_sets(pipe, v: Variant | None, inputs: Inputs, sampling) -> Renders:
 
 def score(model: Renders, base: Renders, judge, instances) -> dict[str, Any]:
     """Fidelity, preservation and class drift of ``model`` against ``base`` (the judge is also the extractor)."""
-    from nullbooth.evaluate import compare, subject_scores
+    from nullbooth.eval.evaluate import compare, subject_scores
 
     subject = subject_scores(model.subject, instances, judge, judge)
     prior = compare(base.eval, model.eval, judge, judge)
@@ -190,14 +190,14 @@ def mean_agreement(report: dict) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from nullbooth.collect import collect
     from nullbooth.config import PerfusionBlock
-    from nullbooth.data import read_image_folder
-    from nullbooth.evaluate import Sampling
+    from nullbooth.dataset import read_image_folder
+    from nullbooth.eval.evaluate import Sampling
     from nullbooth.generate import load_personalization
-    from nullbooth.judge import load_judge
     from nullbooth.models import load_pipeline
-    from nullbooth.train import train
+    from nullbooth.runs.collect import collect
+    from nullbooth.training.train import train
+    from nullbooth.world.judge import load_judge
 
     work = Path(args.work)
     if work.exists():

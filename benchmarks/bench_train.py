@@ -1,6 +1,6 @@
 """Training cost and preservation of nullbooth vs lora vs dreambooth on the same model, data and batch.
 
-Every method runs the real ``nullbooth.train.train`` in its own fresh process (so peak memory is its
+Every method runs the real ``nullbooth.training.train.train`` in its own fresh process (so peak memory is its
 own), in interleaved rounds (n, l, d / l, d, n / …) so that load on the machine hits all methods alike.
 Per method it records:
 
@@ -49,7 +49,7 @@ def write_inputs(folder: Path, n_prior: int, n_heldout: int, n_instance: int) ->
     inst = folder / "instance"
     inst.mkdir(parents=True, exist_ok=True)
     try:
-        from nullbooth import world
+        from nullbooth.world import scenes as world
 
         images = world.subject_instances(n_instance)
         prior = world.prior_prompts(n_prior, seed=0)
@@ -122,7 +122,7 @@ def worker(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from nullbooth.models import load_pipeline
-    from nullbooth.train import train
+    from nullbooth.training.train import train
 
     inputs = json.loads(args.inputs)
     out = Path(args.out)
@@ -194,8 +194,8 @@ def run_worker(args: argparse.Namespace, method: str, inputs: dict[str, str], ou
 
 def collect_once(args: argparse.Namespace, inputs: dict[str, str], root: Path) -> tuple[Path, float]:
     """The statistics run all methods share (nullbooth trains from it, all are measured on it)."""
-    from nullbooth.collect import collect
     from nullbooth.models import load_pipeline
+    from nullbooth.runs.collect import collect
 
     cfg = make_config(args, inputs, "nullbooth", root / "collect")
     started = time.perf_counter()
@@ -215,7 +215,7 @@ def interleaved_steps(args: argparse.Namespace, inputs: dict[str, str], root: Pa
     """
     import torch.nn.functional as F
 
-    from nullbooth.methods import make_method
+    from nullbooth.methods.registry import make_method
     from nullbooth.models import load_pipeline
 
     setups = {}

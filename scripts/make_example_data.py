@@ -2,7 +2,7 @@
 
     python scripts/make_example_data.py [--out examples]
 
-Everything is drawn from a seed by ``nullbooth.world``, so the committed files are reproducible.
+Everything is drawn from a seed by ``nullbooth.world.scenes``, so the committed files are reproducible.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nullbooth.world import subject_instances, write_prompt_lists
+from nullbooth.world.scenes import subject_instances, write_prompt_lists
 
 
 def main() -> None:

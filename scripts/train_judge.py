@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from nullbooth.judge import JUDGE_DIR, train_judge
+from nullbooth.world.judge import JUDGE_DIR, train_judge
 
 log = logging.getLogger("train_judge")
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the shipped base model ``tiny-sd`` from scratch on the shapes world (``nullbooth.world``).
+"""Train the shipped base model ``tiny-sd`` from scratch on the shapes world (``nullbooth.world.scenes``).
 
 A Stable-Diffusion-architecture pipeline (AutoencoderKL, UNet2DConditionModel with cross-attention,
 CLIPTextModel with the real CLIP tokenizer) built by ``nullbooth.models.build_tiny_pipeline`` and trained
@@ -17,7 +17,7 @@ in three stages inside one time budget (CPU time of this process by default, see
    frozen.
 
 Then it saves an fp16 diffusers folder (plain ``StableDiffusionPipeline.from_pretrained`` loads it) and
-measures the quality gate with the judge (``nullbooth.judge``): the fraction of generations for held-out
+measures the quality gate with the judge (``nullbooth.world.judge``): the fraction of generations for held-out
 shape × colour prompts whose shape and colour the judge reads as prompted.
 
     python scripts/train_world_model.py --minutes 55            # the shipped model (≈ 1 h on 1 CPU thread)
@@ -44,10 +44,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nullbooth.evaluate import WORLD_MODEL_MARKER
+from nullbooth.eval.evaluate import WORLD_MODEL_MARKER
 from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
-from nullbooth.world import (ACCENT_COLOURS, World, WorldConfig, heldout_prompts, prior_prompts,
-                             write_prompt_lists)
+from nullbooth.world.scenes import (
+    ACCENT_COLOURS,
+    World,
+    WorldConfig,
+    heldout_prompts,
+    prior_prompts,
+    write_prompt_lists,
+)
 
 log = logging.getLogger("train_world_model")
 
@@ -383,7 +389,7 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, b
 
 def quality_gate(pipe, judge, n: int, steps: int, guidance: float, seed: int) -> dict:
     """Fraction of held-out-pair (and seen-pair) generations whose judged shape and colour match the prompt."""
-    from nullbooth.judge import shape_colour_match
+    from nullbooth.world.judge import shape_colour_match
 
     result = {}
     for name, prompts in (("heldout", [p for p, _ in heldout_prompts(n, seed=seed)]),
@@ -546,7 +552,7 @@ def main(argv=None) -> int:
         "threads": args.threads,
     }
     try:
-        from nullbooth.judge import load_judge
+        from nullbooth.world.judge import load_judge
 
         judge = load_judge(args.judge)
     except Exception as err:  # the gate is informative; a missing judge must not lose an hour of training

@@ -69,7 +69,7 @@ def small_config(tmp_path: Path, **nullbooth):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_pipe):
     """One complete collection run on tiny-sd: 3 prompts, 3 steps, batches of 2."""
-    from nullbooth.collect import collect
+    from nullbooth.runs.collect import collect
 
     tmp = tmp_path_factory.mktemp("run")
     cfg = small_config(tmp)
@@ -79,7 +79,11 @@ def tiny_run(tmp_path_factory, tiny_pipe):
 def random_adapter(folder: Path, scale: float) -> Path:
     """A nullbooth adapter on tiny-sd with random half-width null spaces and random ``M`` (× ``scale``), saved in
     ``folder``; the unet is returned with the adapters still injected (for exports)."""
-    from nullbooth.adapters import adapter_targets, inject_null_space_adapters, save_adapter
+    from nullbooth.methods.adapters import (
+        adapter_targets,
+        inject_null_space_adapters,
+        save_adapter,
+    )
     from nullbooth.models import load_pipeline
 
     pipe = load_pipeline("tiny-sd")

@@ -17,16 +17,34 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nullbooth.adapters import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, NullSpaceLinear, adapter_leakage, adapter_parameters,
-    adapter_targets, bases_from_run, dense_deltas, export_diffusers_lora, inject_null_space_adapters,
-    leakage_on_features, load_adapter, lora_factors, merge_adapters, null_space_adapters, project_update_,
-    relative_leakage, remove_adapters, save_adapter, split_target, target_name,
-)
-from nullbooth.capture import cross_attention_layers
 from nullbooth.errors import NullBoothError
-from nullbooth.stats import SecondMoment
-from nullbooth.store import load_summed_statistics
+from nullbooth.methods.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LORA_WEIGHTS,
+    NullSpaceLinear,
+    adapter_leakage,
+    adapter_parameters,
+    adapter_targets,
+    bases_from_run,
+    dense_deltas,
+    export_diffusers_lora,
+    inject_null_space_adapters,
+    leakage_on_features,
+    load_adapter,
+    lora_factors,
+    merge_adapters,
+    null_space_adapters,
+    project_update_,
+    relative_leakage,
+    remove_adapters,
+    save_adapter,
+    split_target,
+    target_name,
+)
+from nullbooth.runs.layout import load_summed_statistics
+from nullbooth.stats.capture import cross_attention_layers
+from nullbooth.stats.moments import SecondMoment
 
 ATOL = 1e-5
 
@@ -139,16 +157,16 @@ def test_merge_unmerge_round_trip(unet, run_bases, tiny_pipe):
     randomize_adapters(unet)
     inputs = unet_inputs(tiny_pipe)
     wrappers = null_space_adapters(unet)
-    before = {p: w.base.weight.detach().clone() for p, w in wrappers.items()}
+    before = {p: w.base_layer.weight.detach().clone() for p, w in wrappers.items()}
     y_adapter = predict(unet, inputs)
     for w in wrappers.values():
         w.merge()
     assert all(w.merged for w in wrappers.values())
     assert torch.allclose(predict(unet, inputs), y_adapter, atol=ATOL)
     for p, w in wrappers.items():
-        assert torch.allclose(w.base.weight, before[p] + w.get_delta_weight(), atol=1e-6)
+        assert torch.allclose(w.base_layer.weight, before[p] + w.get_delta_weight(), atol=1e-6)
         w.unmerge()
-        assert torch.allclose(w.base.weight, before[p], atol=1e-6)
+        assert torch.allclose(w.base_layer.weight, before[p], atol=1e-6)
     assert torch.allclose(predict(unet, inputs), y_adapter, atol=ATOL)
 
 
@@ -274,7 +292,7 @@ def test_leakage_on_preserved_statistic_is_within_threshold_bound(unet, tiny_run
             continue
         C = stats[split_target(path)].moment()
         dW = w.get_delta_weight().detach().double()
-        W = w.base.weight.detach().double()
+        W = w.base_layer.weight.detach().double()
         bound = (float(dW.square().sum()) * info[path]["lambda_max_null"] / float(((W @ C) * W).sum())) ** 0.5
         assert leak[path] <= bound * (1 + 1e-6) + 1e-12, path
         free = torch.randn(dW.shape, generator=g, dtype=torch.float64)
@@ -304,7 +322,7 @@ def test_text_leakage_on_the_preserved_prompts_themselves(unet, run_bases, tiny_
             assert rows <= stat.count * float(dW.square().sum()) * info[path]["lambda_max_null"] * (1 + 1e-6) + 1e-9
             free = torch.randn(dW.shape, generator=g, dtype=torch.float64)
             free *= dW.norm() / free.norm()
-            ratio = leakage_on_features(dW, w.base.weight, X) / leakage_on_features(free, w.base.weight, X)
+            ratio = leakage_on_features(dW, w.base_layer.weight, X) / leakage_on_features(free, w.base_layer.weight, X)
             worst = max(worst, ratio)
     assert 0 < worst < 0.2, worst
 
@@ -474,7 +492,7 @@ def test_dense_deltas_of_a_wrapped_model_are_the_adapter_deltas(unet, run_bases)
     for path, w in null_space_adapters(unet).items():
         assert torch.allclose(deltas[path], w.get_delta_weight(), atol=1e-6)
     with torch.no_grad():
-        next(w for p, w in null_space_adapters(unet).items() if p.endswith("to_out.0")).base.bias.add_(1.0)
+        next(w for p, w in null_space_adapters(unet).items() if p.endswith("to_out.0")).base_layer.bias.add_(1.0)
     with pytest.warns(UserWarning, match="bias"):
         dense_deltas(before, unet)
 

@@ -16,12 +16,17 @@ import torch
 import yaml
 from conftest import PROMPTS, small_config, write_prompts
 
-from nullbooth.capture import cross_attention_layers, record_inputs
 from nullbooth.cli import main as cli_main
-from nullbooth.collect import collect, make_scheduler
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
-from nullbooth.store import load_covariance_data, load_statistics, load_summed_statistics, read_manifest
+from nullbooth.runs.collect import collect, make_scheduler
+from nullbooth.runs.layout import (
+    load_covariance_data,
+    load_statistics,
+    load_summed_statistics,
+    read_manifest,
+)
+from nullbooth.stats.capture import cross_attention_layers, record_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 

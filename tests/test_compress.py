@@ -13,12 +13,23 @@ import pytest
 import torch
 from conftest import write_prompts
 
-from nullbooth.collect import collect
-from nullbooth.compress import SD15_ATTN2_WIDTHS, sd15_store_sizes, seed_estimate, store_size, write_matrix
 from nullbooth.config import config_from_dict
-from nullbooth.merge import merge_runs
-from nullbooth.nullspace import null_dimension
-from nullbooth.store import layer_dirname, load_covariance_data, read_manifest, timestep_dirname
+from nullbooth.runs.collect import collect
+from nullbooth.runs.layout import (
+    layer_dirname,
+    load_covariance_data,
+    read_manifest,
+    timestep_dirname,
+)
+from nullbooth.runs.merge import merge_runs
+from nullbooth.stats.compress import (
+    SD15_ATTN2_WIDTHS,
+    sd15_store_sizes,
+    seed_estimate,
+    store_size,
+    write_matrix,
+)
+from nullbooth.stats.nullspace import null_dimension
 
 MODE, THRESHOLD = "relative", 1e-3
 

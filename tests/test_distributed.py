@@ -21,11 +21,11 @@ import torch
 import yaml
 from conftest import write_prompts
 
-from nullbooth.collect import CHECKPOINT, assign_shards, collect
 from nullbooth.config import config_from_dict
-from nullbooth.distributed import setup
 from nullbooth.errors import NullBoothError
-from nullbooth.store import RunData, load_statistics, read_manifest
+from nullbooth.runs.collect import CHECKPOINT, assign_shards, collect
+from nullbooth.runs.distributed import setup
+from nullbooth.runs.layout import RunData, load_statistics, read_manifest
 
 REL = 1e-12
 PROMPTS = [f"a {c} {s} on a plain background" for c, s in
@@ -130,7 +130,7 @@ def test_killed_worker_resumes_per_shard(tmp_path, reference, tiny_pipe, caplog)
     """
     config = _config_file(tmp_path, "killed")
     slow = tmp_path / "slow_collect.py"  # the CLI's collect, slowed so the kill lands mid-shard
-    slow.write_text("import sys, time\nfrom nullbooth.config import load_config\nfrom nullbooth.collect import collect\n"
+    slow.write_text("import sys, time\nfrom nullbooth.config import load_config\nfrom nullbooth.runs.collect import collect\n"
                     "collect(load_config(sys.argv[1]), progress=False, on_batch=lambda acc, i: time.sleep(0.6))\n")
     proc = _torchrun([str(slow), str(config)])
     rank1 = CHECKPOINT.parent / "checkpoint.rank1.safetensors"
@@ -193,7 +193,7 @@ def test_environment_detection():
 
 def test_model_fingerprint_does_not_depend_on_the_thread_count(tiny_pipe):
     """torchrun workers run one thread each: they must compute the same run key as a multi-threaded process."""
-    from nullbooth.collect import model_fingerprint
+    from nullbooth.runs.collect import model_fingerprint
 
     threads = torch.get_num_threads()
     try:

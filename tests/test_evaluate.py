@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import random_adapter
+
 from nullbooth.cli import main
 from nullbooth.errors import NullBoothError
-from nullbooth.evaluate import Rendered, compare, subject_scores
-from nullbooth.judge import load_judge
+from nullbooth.eval.evaluate import Rendered, compare, subject_scores
 from nullbooth.models import materialize_builtin
-from nullbooth.world import COLOURS, World, subject_instances
+from nullbooth.world.judge import load_judge
+from nullbooth.world.scenes import COLOURS, World, subject_instances
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = ["--steps", "2", "--resolution", "16", "--seeds", "0,1,2"]

@@ -12,13 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_adapter
 from PIL import Image
 
-from conftest import random_adapter
-from nullbooth.adapters import LORA_WEIGHTS, export_diffusers_lora
+from nullbooth.cli.generate import register_cli
 from nullbooth.config import config_from_dict
 from nullbooth.errors import NullBoothError
-from nullbooth.generate import captioned_rows, generate, image_grid, load_personalization, register_cli
+from nullbooth.generate import (
+    captioned_rows,
+    generate,
+    image_grid,
+    load_personalization,
+)
+from nullbooth.methods.adapters import LORA_WEIGHTS, export_diffusers_lora
 from nullbooth.models import load_pipeline
 
 RES = 16

@@ -14,12 +14,17 @@ import pytest
 import torch
 from conftest import write_prompts
 
-from nullbooth.collect import collect
+from nullbooth.cli.collect import register_cli
 from nullbooth.config import config_from_dict
 from nullbooth.errors import NullBoothError
-from nullbooth.merge import extend, merge_runs
-from nullbooth.scale_cli import register_cli
-from nullbooth.store import RunData, load_covariance_data, read_manifest, read_run_prompts
+from nullbooth.runs.collect import collect
+from nullbooth.runs.layout import (
+    RunData,
+    load_covariance_data,
+    read_manifest,
+    read_run_prompts,
+)
+from nullbooth.runs.merge import extend, merge_runs
 
 REL = 1e-12
 F32 = 3e-7

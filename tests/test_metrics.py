@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from nullbooth.errors import NullBoothError
-from nullbooth.metrics import (
+from nullbooth.eval.metrics import (
     attribute_jsd,
     coverage,
     distribution_metrics,

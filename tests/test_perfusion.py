@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from nullbooth.errors import NullBoothError
-from nullbooth.perfusion import (
+from nullbooth.methods.perfusion.core import (
     SD15_ATTN2_VALUE_WIDTHS,
     PerfusionConcept,
     PerfusionContext,

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from nullbooth.errors import NullBoothError
-from nullbooth.nullspace import empty_fix, null_dimension, null_space, spectrum, validate_covariance
-from nullbooth.stats import SecondMoment, merge_all
+from nullbooth.stats.moments import SecondMoment, merge_all
+from nullbooth.stats.nullspace import (
+    empty_fix,
+    null_dimension,
+    null_space,
+    spectrum,
+    validate_covariance,
+)
 
 CLIP_COV = Path(__file__).resolve().parents[1] / "src" / "nullbooth" / "data" / "clip_vit_l14_text_covariance.npy"
 REL = 1e-10  # float64 streaming vs one-shot

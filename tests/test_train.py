@@ -25,14 +25,15 @@ from conftest import subject_images, write_prompts
 from PIL import Image
 from safetensors.torch import load_file
 
-from nullbooth.adapters import load_adapter
+from nullbooth.cli.train import register_cli
 from nullbooth.config import check_training, config_from_dict, load_config
-from nullbooth.data import image_to_tensor, load_examples
+from nullbooth.dataset import image_to_tensor, load_examples
 from nullbooth.errors import NullBoothError
 from nullbooth.generate import load_personalization
+from nullbooth.methods.adapters import load_adapter
 from nullbooth.models import load_pipeline
-from nullbooth.store import load_summed_statistics
-from nullbooth.train import class_examples, format_report, register_cli, train
+from nullbooth.runs.layout import load_summed_statistics
+from nullbooth.training.train import class_examples, format_report, train
 
 RES = 16  # image size: 4×4 latents keep a training step well under a second on two CPU cores
 THRESHOLD = 1e-2  # relative: null directions have λ < 1e-2 λ_max
@@ -90,7 +91,7 @@ def independent_deltas(name: str, folder: Path, base_state: dict) -> dict[str, t
         return {k.removesuffix(".weight"): after[k].double() - base_state[k].double()
                 for k in after if ".attn2.to_" in k and k.endswith(".weight")}
     tensors = load_file(str(folder / "nullbooth_adapter.safetensors"))
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = json.loads((folder / "nullbooth_adapter_config.json").read_text())
     return {path: tensors[f"{path}.M"].double() @ tensors[spec["basis"]].double().T
             for path, spec in config["targets"].items()}
 

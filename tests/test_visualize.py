@@ -16,19 +16,32 @@ import torch
 from conftest import PROMPTS, small_config
 from PIL import Image
 
-from nullbooth.attention_maps import (
-    PADDING, AttentionMapObserver, AttentionMaps, attention_grid, display_tokens, grid_shape, overlay,
-    record_attention, upsample_map,
-)
-from nullbooth.capture import cross_attention_layers, record_inputs, record_timestep
-from nullbooth.collect import collect, make_plan
+from nullbooth.cli.visualize import register_cli
 from nullbooth.errors import NullBoothError
-from nullbooth.nullspace import null_dimension
-from nullbooth.store import load_covariance_data, read_manifest, timestep_dirname
-from nullbooth.visualize import (
-    plot_covariance_summaries, register_cli, render_training_report, spectrum_in_mode_units,
+from nullbooth.report.attention import attention_grid, overlay
+from nullbooth.report.observers import AttentionMapObserver
+from nullbooth.report.visualize import (
+    plot_covariance_summaries,
+    render_training_report,
+    spectrum_in_mode_units,
     write_run_report,
 )
+from nullbooth.runs.attention import (
+    PADDING,
+    AttentionMaps,
+    display_tokens,
+    grid_shape,
+    record_attention,
+    upsample_map,
+)
+from nullbooth.runs.collect import collect, make_plan
+from nullbooth.runs.layout import load_covariance_data, read_manifest, timestep_dirname
+from nullbooth.stats.capture import (
+    cross_attention_layers,
+    record_inputs,
+    record_timestep,
+)
+from nullbooth.stats.nullspace import null_dimension
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -212,8 +225,8 @@ def test_heatmap_draws_the_stored_null_dims(pictured_run, tiny_pipe, tmp_path):
 def test_threshold_line_separates_the_null_space(pictured_run, mode, threshold):
     """In the drawn units, the points beyond the threshold line are exactly the null-space eigenvalues."""
     run, _ = pictured_run
-    from nullbooth.store import load_summed_statistics
-    from nullbooth.nullspace import spectrum
+    from nullbooth.runs.layout import load_summed_statistics
+    from nullbooth.stats.nullspace import spectrum
 
     stat = next(iter(load_summed_statistics(run).values()))
     lam = spectrum(stat.moment()).eigenvalues

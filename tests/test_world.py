@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from nullbooth.errors import NullBoothError
-from nullbooth.world import (
+from nullbooth.world.scenes import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,
@@ -161,7 +161,12 @@ def test_subject_instances_and_prompt_lists(tmp_path):
 
 
 def test_judge_save_load_roundtrip_and_interface(tmp_path):
-    from nullbooth.judge import FeatureExtractor, Judge, JudgeConfig, load_feature_extractor
+    from nullbooth.world.judge import (
+        FeatureExtractor,
+        Judge,
+        JudgeConfig,
+        load_feature_extractor,
+    )
 
     judge = Judge(JudgeConfig(widths=[8, 8, 8, 8], embed_dim=16))
     imgs = [s.image for s in WORLD.samples(4, seed=0)]
@@ -179,7 +184,7 @@ def test_judge_save_load_roundtrip_and_interface(tmp_path):
 
 
 def test_shipped_judge_reads_world_attributes():
-    from nullbooth.judge import JUDGE_DIR, load_judge
+    from nullbooth.world.judge import JUDGE_DIR, load_judge
 
     if not (JUDGE_DIR / "judge.json").is_file():
         pytest.skip("no shipped judge yet (python scripts/train_judge.py)")
@@ -193,7 +198,7 @@ def test_shipped_judge_reads_world_attributes():
 
 
 def test_feature_extractor_errors(tmp_path):
-    from nullbooth.judge import load_feature_extractor
+    from nullbooth.world.judge import load_feature_extractor
 
     with pytest.raises(NullBoothError, match="does not exist"):
         load_feature_extractor(tmp_path / "nope")
@@ -208,9 +213,14 @@ def test_feature_extractor_errors(tmp_path):
 
 
 def test_hf_clip_and_dinov2_folders(tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+    )
 
-    from nullbooth.judge import load_feature_extractor
+    from nullbooth.world.judge import load_feature_extractor
 
     imgs = [s.image for s in WORLD.samples(3, seed=1)]
     clip_dir, dino_dir = tmp_path / "clip", tmp_path / "dino"
@@ -226,7 +236,7 @@ def test_hf_clip_and_dinov2_folders(tmp_path):
 
 
 def test_shape_colour_match_counts_what_the_prompt_states():
-    from nullbooth.judge import JUDGE_DIR, load_judge, shape_colour_match
+    from nullbooth.world.judge import JUDGE_DIR, load_judge, shape_colour_match
 
     if not (JUDGE_DIR / "judge.json").is_file():
         pytest.skip("no shipped judge yet (python scripts/train_judge.py)")
@@ -268,7 +278,7 @@ def test_shipped_world_model_loads_with_plain_diffusers():
 
 
 def _judged(pipe, judge, prompts: list[str], gate: dict) -> dict[str, float]:
-    from nullbooth.judge import shape_colour_match
+    from nullbooth.world.judge import shape_colour_match
 
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     images = pipe(prompts, num_inference_steps=gate["steps"], guidance_scale=gate["guidance"], generator=gens).images
@@ -282,8 +292,8 @@ def test_shipped_world_model_draws_what_it_is_prompted():
     settings. The recorded rates (100 prompts) are 1.0 and 0.95; with 20 samples a true rate of 0.95 falls below
     0.7 with probability < 0.1 % (binomial).
     """
-    from nullbooth.judge import load_judge
     from nullbooth.models import load_pipeline
+    from nullbooth.world.judge import load_judge
 
     gate = json.loads((shipped_model() / "nullbooth_world_model.json").read_text())["quality_gate"]
     pipe, judge = load_pipeline("tiny-sd"), load_judge()

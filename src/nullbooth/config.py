@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .errors import NullBoothError
+from nullbooth.errors import NullBoothError
 
 NullspaceMode = Literal["absolute", "relative", "energy", "rank", "percentile"]
 Method = Literal["nullbooth", "dreambooth", "lora", "perfusion"]
@@ -218,7 +225,7 @@ class Config(_Block):
     heldout_steps: int = Field(2, ge=1, description="sampling steps recorded for the held-out features")
     # -- blocks
     nullbooth: NullBoothBlock = NullBoothBlock()
-    # method: perfusion (nullbooth.perfusion_method); generate reads its gate and concept keys.
+    # method: perfusion (nullbooth.methods.perfusion.method); generate reads its gate and concept keys.
     perfusion: PerfusionBlock = PerfusionBlock()
     generate: GenerateBlock = GenerateBlock()
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from .errors import NullBoothError
+from nullbooth.errors import NullBoothError
+from nullbooth.filenames import BUNDLED_MODELS as _BUNDLED_DIR
 
 CLIP_VOCAB_SIZE = 49408
-_BUNDLED_DIR = Path(__file__).parent / "data" / "models"
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,12 @@ def build_clip_tokenizer():
 
 def build_tiny_pipeline(arch: TinyArch = TinyArch(), tokenizer=None):
     """A randomly initialised (seeded) Stable-Diffusion-architecture pipeline small enough for CPU tests."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tokenizer if tokenizer is not None else build_clip_tokenizer()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import NullBoothError
+from nullbooth.errors import NullBoothError
 
 log = logging.getLogger(__name__)
 

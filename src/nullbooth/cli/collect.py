@@ -1,0 +1,97 @@
+"""``nullbooth collect`` (plain, distributed, ``--extend``, ``--prompt-offset``) and ``nullbooth merge``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from nullbooth.cli.common import add_common, overrides
+from nullbooth.errors import NullBoothError
+
+STORAGE_CHOICES = ("float32", "float16", "eigh")
+COLLECT_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed", "prompts": "nullbooth.original_knowledge_prompts",
+                 "output": "nullbooth.cov_matrices_output_dir", "steps": "nullbooth.num_denoising_steps",
+                 "storage": "nullbooth.storage"}
+
+
+def add_collect_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``collect`` flags this module handles (add them to the ``collect`` sub-parser)."""
+    p.add_argument("--extend", metavar="RUN_DIR",
+                   help="add the prompts of --prompts to this complete run (a new run equal to one on the union)")
+    p.add_argument("--prompt-offset", type=int, metavar="N", dest="prompt_offset",
+                   help="number this file's prompts from global index N (seed + N + i), so the run can later be "
+                        "merged into one equal to a run of the whole list")
+    p.add_argument("--storage", choices=STORAGE_CHOICES, help="nullbooth.storage (how per-timestep matrices are stored)")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """``nullbooth collect``: plain, distributed (under torchrun/accelerate), ``--extend`` or ``--prompt-offset``."""
+    flags = overrides(args, COLLECT_FLAGS)
+    if getattr(args, "extend", None):
+        from nullbooth.runs.merge import extend
+
+        if not args.prompts:
+            raise NullBoothError("--extend RUN_DIR needs --prompts NEW.txt (the prompts to add)")
+        if args.config:
+            raise NullBoothError("--extend takes the model and settings from RUN_DIR; drop --config (storage options "
+                                 "can be set with --storage or --set nullbooth.KEY=VALUE)")
+        if getattr(args, "prompt_offset", None) is not None:
+            raise NullBoothError("--extend numbers the new prompts after the run's own; drop --prompt-offset")
+        for taken in ("nullbooth.original_knowledge_prompts", "nullbooth.cov_matrices_output_dir"):
+            flags.pop(taken, None)
+        run_dir = extend(args.extend, args.prompts, output_dir=args.output, overrides=flags, fresh=args.fresh)
+    else:
+        from nullbooth.config import load_config
+        from nullbooth.report.observers import collection_observers
+        from nullbooth.runs.collect import collect
+
+        cfg = load_config(args.config, flags)
+        run_dir = collect(cfg, fresh=args.fresh, prompt_offset=getattr(args, "prompt_offset", None) or 0,
+                          observers=collection_observers(cfg))
+    if _is_main_process():  # under torchrun every process returns the same run: print it once
+        print(run_dir)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``nullbooth merge RUN_A RUN_B … -o OUT``: add compatible runs into a new run under OUT."""
+    from nullbooth.runs.merge import merge_runs
+
+    flags = overrides(args, {"storage": "nullbooth.storage", "mode": "nullbooth.nullspace_mode",
+                             "threshold": "nullbooth.nullspace_threshold"})
+    if args.keep_timestep_sums:
+        flags["nullbooth.keep_timestep_sums"] = True
+    run_dir = merge_runs(args.runs, args.output, overrides=flags)
+    if _is_main_process():
+        print(run_dir)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``collect`` and ``merge`` to ``nullbooth``'s sub-parsers."""
+    p = subparsers.add_parser("collect", help="collect prior-knowledge statistics of the cross-attention layers")
+    add_common(p)
+    p.add_argument("--prompts", help="prompt file (nullbooth.original_knowledge_prompts)")
+    p.add_argument("--output", help="nullbooth.cov_matrices_output_dir")
+    p.add_argument("--steps", type=int, help="nullbooth.num_denoising_steps")
+    p.add_argument("--fresh", action="store_true", help="start a new run even if a matching one exists")
+    add_collect_arguments(p)
+    p.set_defaults(func=cmd_collect)
+
+    p = subparsers.add_parser(
+        "merge", help="add compatible collection runs (same model, layers, features, sampler, steps, guidance, "
+                      "resolution) into a new run; one run: re-store it (--storage, --mode/--threshold)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="complete run directories")
+    p.add_argument("-o", "--output", help="folder to create the merged run_YYYYMMDD_HHMMSS in (default: the first run's)")
+    p.add_argument("--storage", choices=STORAGE_CHOICES, help="how the merged per-timestep matrices are stored")
+    p.add_argument("--mode", choices=["absolute", "relative", "energy", "rank", "percentile"],
+                   help="nullspace_mode of the merged run (default: the first run's)")
+    p.add_argument("--threshold", type=float, help="nullspace_threshold of the merged run (default: the first run's)")
+    p.add_argument("--keep-timestep-sums", action="store_true", dest="keep_timestep_sums",
+                   help="keep exact float64 per-timestep sums (needs them in every input)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="nullbooth.storage_energy=0.999 etc., repeatable")
+    p.set_defaults(func=cmd_merge)

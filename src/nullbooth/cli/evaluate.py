@@ -1,0 +1,69 @@
+"""``nullbooth evaluate``: base vs personalised on the same prompts and seeds → ``evaluation.{json,md}``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nullbooth.cli.common import parse_seeds
+from nullbooth.errors import NullBoothError
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nullbooth.eval.evaluate import (
+        EvalRequest,
+        Sampling,
+        evaluate,
+        to_markdown,
+        training_config,
+    )
+    from nullbooth.prompts import read_prompt_file
+
+    prompts = list(args.prompt or []) + (read_prompt_file(args.prompts, "--prompts") if args.prompts else [])
+    subject = list(args.subject_prompt or []) + (
+        read_prompt_file(args.subject_prompts, "--subject-prompts") if args.subject_prompts else [])
+    base, instance_dir = args.base, args.instance_dir
+    pers = Path(args.personalized)
+    cfg = training_config(pers)  # a training output knows its base, its subject and its instance images
+    base = base or cfg.get("pretrained_model_name_or_path")
+    instance_dir = instance_dir or cfg.get("instance_data_dir")
+    if instance_dir and not subject:
+        subject = [p for p in (cfg.get("validation_prompt"), cfg.get("instance_prompt")) if p]
+    if not base:
+        raise NullBoothError("evaluate: expected --base MODEL (the model the personalisation was trained from), "
+                             f"got none and {pers} records none")
+    req = EvalRequest(
+        base=base, personalized=str(pers), prompts=prompts,
+        sampling=Sampling(seeds=tuple(args.seeds), steps=args.steps, guidance=args.guidance, resolution=args.resolution,
+                          batch=args.batch),
+        features=args.features, attributes=args.attributes, subject_prompts=subject, instance_dir=instance_dir,
+        k=args.k, output=args.output or str(pers / "evaluation"),
+    )
+    report = evaluate(req)
+    print(to_markdown(report, max_prompts=10), end="")
+    print(f"wrote {Path(req.output) / 'evaluation.json'} and evaluation.md")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add the ``evaluate`` verb to ``nullbooth``'s sub-parsers."""
+    p = subparsers.add_parser("evaluate", help="compare a base and a personalised model on prompts with identical seeds")
+    p.add_argument("personalized", help="a training output_dir (adapter, unet/, LoRA, Perfusion) or a diffusers folder")
+    p.add_argument("--base", help="the base model (default: the one the training output records)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a file with one prompt per line")
+    p.add_argument("--seeds", type=parse_seeds, default=[0, 1], help="comma-separated seeds (default 0,1)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--batch", type=int, default=32, help="images per pipeline call")
+    p.add_argument("--features", default=None,
+                   help="feature extractor: 'judge' (default, offline), a judge folder, or a local CLIP/DINOv2 folder")
+    p.add_argument("--attributes", action=argparse.BooleanOptionalAction, default=None,
+                   help="judge the prompts' shape/colour/… (default: on for models of the shapes world)")
+    p.add_argument("--subject-prompt", action="append", help="a prompt with the subject's identifier (repeatable)")
+    p.add_argument("--subject-prompts", help="a file of subject prompts")
+    p.add_argument("--instance-dir", help="the instance images (default: the training output's instance_data_dir)")
+    p.add_argument("--k", type=int, default=5, help="neighbours for precision/recall/density/coverage (default 5)")
+    p.add_argument("--output", help="report folder (default <personalized>/evaluation)")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,1 @@
+"""Evaluation: base vs personalised on the same prompts and seeds; distribution metrics."""

@@ -1,0 +1,404 @@
+"""``nullbooth evaluate``: what personalisation changed, measured on the same prompts and seeds.
+
+The base model renders every prompt × seed; the personalised model (a training ``output_dir`` applied to
+the base, or a whole diffusers folder) renders the same prompts with the same generator seeds. Then:
+
+* **preservation** — distribution metrics between the two image sets on a pluggable feature extractor
+  (:mod:`nullbooth.eval.metrics`: MMD², precision/recall/density/coverage, 1-NN accuracy, Fréchet distance),
+  and the paired same-seed pixel distance (0 for an untouched model);
+* **attributes** (models of the shapes world, judged by :class:`nullbooth.world.judge.Judge`) — per prompt, the
+  fraction of stated attributes (shape, colour, position, …) the images show, for both models (text
+  alignment), the same-seed agreement of judged attributes, and the JSD of each attribute's histogram;
+* **subject fidelity** — embedding similarity of subject-prompt generations to the instance images
+  (DreamBooth's DINO/CLIP-I score), and, with the judge, how often the judged shape/colour/pattern match
+  those of the instance images.
+
+Rendering is separated from scoring (:func:`render`, :func:`compare`, :func:`subject_scores`) so the
+method benchmark renders the base model once and scores many personalisations against it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nullbooth.errors import NullBoothError
+from nullbooth.eval.metrics import (
+    attribute_jsd,
+    distribution_metrics,
+    paired_image_distance,
+    subject_fidelity,
+)
+from nullbooth.filenames import WORLD_MODEL_MARKER
+from nullbooth.world.judge import (
+    FeatureExtractor,
+    Judge,
+    load_feature_extractor,
+    load_judge,
+)
+from nullbooth.world.scenes import parse_prompt
+
+log = logging.getLogger(__name__)
+
+# What must agree between two models for their images to be comparable seed for seed.
+_UNET_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+              "attention_head_dim", "down_block_types", "up_block_types", "sample_size")
+_TEXT_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
+# The marker the world-model training script writes: attribute judging is on by default for such models.
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How images are drawn; identical for both models. Image ``(i, j)`` uses generator seed ``seeds[j]``."""
+
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 25
+    guidance: float = 7.5
+    resolution: int | None = None  # default: the model's native size
+    batch: int = 32
+
+
+@dataclass
+class Rendered:
+    """``images[i][j]``: prompt ``i``, seed ``j``."""
+
+    prompts: list[str]
+    images: list[list[Image.Image]] = field(default_factory=list)
+
+    def flat(self) -> list[Image.Image]:
+        return [im for row in self.images for im in row]
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def architecture(folder: str | Path) -> dict[str, Any]:
+    """The configuration values of a diffusers folder that decide whether weights are interchangeable."""
+    folder = Path(folder)
+    out: dict[str, Any] = {}
+    for sub, keys in (("unet", _UNET_KEYS), ("text_encoder", _TEXT_KEYS)):
+        path = folder / sub / "config.json"
+        if path.is_file():
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+            out.update({f"{sub}.{k}": cfg.get(k) for k in keys if k in cfg})
+    return out
+
+
+def pipe_architecture(pipe) -> dict[str, Any]:
+    out = {f"unet.{k}": pipe.unet.config.get(k) for k in _UNET_KEYS if k in pipe.unet.config}
+    te = pipe.text_encoder.config
+    out.update({f"text_encoder.{k}": getattr(te, k) for k in _TEXT_KEYS if hasattr(te, k)})
+    return out
+
+
+def _json_value(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def check_same_architecture(base: dict[str, Any], other: dict[str, Any], base_name: str, other_name: str) -> None:
+    """Raise when two models differ in any architecture key both of them state."""
+    diff = [k for k in base if k in other and _json_value(base[k]) != _json_value(other[k])]
+    if diff:
+        k = diff[0]
+        raise NullBoothError(
+            f"evaluate: the base model and the personalised model have different architectures ({len(diff)} "
+            f"setting(s) differ, e.g. {k}: {base_name} has {_json_value(base[k])}, {other_name} has "
+            f"{_json_value(other[k])}); compare a personalised model with the base it was trained from"
+        )
+
+
+def is_world_model(name_or_path: str) -> bool:
+    from nullbooth.models import resolve_model_path
+
+    return (Path(resolve_model_path(name_or_path)) / WORLD_MODEL_MARKER).is_file()
+
+
+def personalized_kind(path: Path) -> str:
+    """``"model"`` for a whole diffusers folder, ``"output"`` for a training output directory."""
+    if not path.exists():
+        raise NullBoothError(f"evaluate: expected the personalised model at {path} (a training output_dir or a "
+                             "diffusers folder), found nothing")
+    return "model" if (path / "model_index.json").is_file() else "output"
+
+
+def training_config(path: Path) -> dict[str, Any]:
+    """The config a training output recorded (``train_config.json``), or ``{}`` for anything else."""
+    from nullbooth.io import read_json
+    from nullbooth.training.train import CONFIG_COPY
+
+    recorded = path / CONFIG_COPY
+    return read_json(recorded, "a training config") if recorded.is_file() else {}
+
+
+def check_comparable(base_arch: dict[str, Any], base_name: str, pers_path: Path, kind: str) -> None:
+    """Refuse a personalised model (or the base a training output records) of another architecture."""
+    from nullbooth.models import resolve_model_path
+
+    if kind == "model" or (pers_path / "unet" / "config.json").is_file():
+        check_same_architecture(base_arch, architecture(pers_path), base_name, str(pers_path))
+    recorded = training_config(pers_path).get("pretrained_model_name_or_path") if kind == "output" else None
+    if recorded and Path(resolve_model_path(recorded)).is_dir():
+        check_same_architecture(base_arch, architecture(resolve_model_path(recorded)), base_name,
+                                f"{recorded} (the base {pers_path} was trained on)")
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+
+@torch.no_grad()
+def render(pipe, prompts: Sequence[str], sampling: Sampling) -> Rendered:
+    """Every prompt × seed, ``sampling.batch`` images per pipeline call; same seeds for any model."""
+    size = sampling.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    jobs = [(i, s) for i in range(len(prompts)) for s in sampling.seeds]
+    out = Rendered(list(prompts), [[] for _ in prompts])
+    for start in range(0, len(jobs), sampling.batch):
+        chunk = jobs[start:start + sampling.batch]
+        gens = [torch.Generator(device=pipe.unet.device).manual_seed(s) for _, s in chunk]
+        images = pipe([prompts[i] for i, _ in chunk], height=size, width=size, generator=gens,
+                      num_inference_steps=sampling.steps, guidance_scale=sampling.guidance).images
+        for (i, _), im in zip(chunk, images):
+            out.images[i].append(im)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def required_images(k: int) -> int:
+    """Images per model the distribution metrics need: PRDC with ``k`` neighbours needs ``k + 1``."""
+    return max(k + 1, 2)
+
+
+def check_counts(n_prompts: int, n_seeds: int, k: int) -> None:
+    if n_prompts < 1:
+        raise NullBoothError("evaluate: expected at least one prompt, got an empty prompt list; pass --prompt TEXT "
+                             "or --prompts FILE with one prompt per line")
+    if n_seeds < 1:
+        raise NullBoothError("evaluate: expected at least one seed, got none; pass --seeds 0,1")
+    if k < 1:
+        raise NullBoothError(f"evaluate: expected k ≥ 1 neighbours for precision/recall/density/coverage, got {k}")
+    need, have = required_images(k), n_prompts * n_seeds
+    if have < need:
+        raise NullBoothError(
+            f"evaluate: the distribution metrics need at least {need} images per model (precision/recall/density/"
+            f"coverage with k={k} neighbours), got {have} ({n_prompts} prompt(s) × {n_seeds} seed(s)); add prompts "
+            "or seeds, or lower --k"
+        )
+
+
+def _accuracy(stated: list[dict[str, str]], labels: dict[str, list[str]], n_seeds: int) -> tuple[list[float | None], dict[str, float]]:
+    """Per prompt: fraction of (image, stated attribute) pairs judged right; per attribute: the same overall."""
+    per_prompt: list[float | None] = []
+    hits: dict[str, list[bool]] = {}
+    for i, want in enumerate(stated):
+        ok = []
+        for j in range(n_seeds):
+            for name, value in want.items():
+                if name in labels:
+                    right = labels[name][i * n_seeds + j] == value
+                    ok.append(right)
+                    hits.setdefault(name, []).append(right)
+        per_prompt.append(float(np.mean(ok)) if ok else None)
+    overall = {name: float(np.mean(v)) for name, v in hits.items()}
+    every = [x for v in hits.values() for x in v]
+    if every:
+        overall["all"] = float(np.mean(every))
+    return per_prompt, overall
+
+
+def compare(base: Rendered, personalized: Rendered, extractor: FeatureExtractor, judge: Judge | None = None,
+            k: int = 5) -> dict[str, Any]:
+    """Score ``personalized`` against ``base`` (same prompts, same seeds)."""
+    if base.prompts != personalized.prompts or [len(r) for r in base.images] != [len(r) for r in personalized.images]:
+        raise NullBoothError("evaluate: the two image sets must come from the same prompts and seeds")
+    n_seeds = len(base.images[0])
+    check_counts(len(base.prompts), n_seeds, k)
+    flat_b, flat_p = base.flat(), personalized.flat()
+    paired = paired_image_distance(flat_b, flat_p)
+    report: dict[str, Any] = {
+        "images_per_model": len(flat_b),
+        "features": getattr(extractor, "name", type(extractor).__name__),
+        "distribution": distribution_metrics(extractor(flat_b), extractor(flat_p), k=k),
+        "paired": {"rmse": paired["rmse"], "mean_abs": paired["mean_abs"]},
+    }
+    rmse = np.asarray(paired["per_pair_rmse"]).reshape(len(base.prompts), n_seeds).mean(1)
+    rows = [{"prompt": p, "paired_rmse": float(r)} for p, r in zip(base.prompts, rmse)]
+    if judge is not None:
+        stated = [parse_prompt(p) for p in base.prompts]
+        lab_b, lab_p = judge.predict(flat_b), judge.predict(flat_p)
+        acc_b, all_b = _accuracy(stated, lab_b, n_seeds)
+        acc_p, all_p = _accuracy(stated, lab_p, n_seeds)
+        names = list(judge.config.attributes)
+        report["attributes"] = {
+            "base": all_b,
+            "personalized": all_p,
+            # Same seed, same judged value: how much of what the base drew survives personalisation.
+            "agreement": {n: float(np.mean([a == b for a, b in zip(lab_b[n], lab_p[n])])) for n in names},
+            "jsd": {n: attribute_jsd(lab_b[n], lab_p[n], judge.config.attributes[n]) for n in names},
+        }
+        for row, a, b in zip(rows, acc_b, acc_p):
+            row.update(base_accuracy=a, personalized_accuracy=b)
+    report["per_prompt"] = rows
+    return report
+
+
+def subject_scores(generated: Rendered, instances: Sequence[Image.Image], extractor: FeatureExtractor,
+                   judge: Judge | None = None) -> dict[str, Any]:
+    """Fidelity of subject-prompt generations to the instance images (embedding cosine, judged attributes)."""
+    if not instances:
+        raise NullBoothError("evaluate: subject fidelity needs at least one instance image, got none")
+    flat = generated.flat()
+    out: dict[str, Any] = {"images": len(flat), "instances": len(instances),
+                           "fidelity": subject_fidelity(extractor(flat), extractor(list(instances)))}
+    if judge is not None:
+        ref = judge.predict(list(instances))
+        got = judge.predict(flat)
+        for name in ("shape", "colour", "pattern"):
+            values, counts = np.unique(ref[name], return_counts=True)
+            target = str(values[counts.argmax()])  # what the judge sees in most instance images
+            out[f"{name}_match"] = float(np.mean([g == target for g in got[name]]))
+            out[f"instance_{name}"] = target
+    return out
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@dataclass
+class EvalRequest:
+    base: str
+    personalized: str
+    prompts: list[str]
+    sampling: Sampling = Sampling()
+    features: str | None = None  # "judge" (default), a judge folder, or a CLIP / DINOv2 folder
+    attributes: bool | None = None  # None: on for models of the shapes world
+    subject_prompts: list[str] = field(default_factory=list)
+    instance_dir: str | None = None
+    k: int = 5
+    output: str | None = None
+
+
+def evaluate(req: EvalRequest) -> dict[str, Any]:
+    """Render base and personalised images, score them, write ``evaluation.json`` / ``.md`` (with ``output``)."""
+    from nullbooth.config import PerfusionBlock
+    from nullbooth.dataset import read_image_folder
+    from nullbooth.generate import load_personalization
+    from nullbooth.models import load_pipeline
+
+    check_counts(len(req.prompts), len(req.sampling.seeds), req.k)
+    pers_path = Path(req.personalized)
+    kind = personalized_kind(pers_path)
+    extractor = load_feature_extractor(req.features)  # bad folders fail before any image is drawn
+    use_attributes = is_world_model(req.base) if req.attributes is None else req.attributes
+    judge = (extractor if isinstance(extractor, Judge) else load_judge()) if use_attributes else None
+    instances = [im for _, im in read_image_folder(req.instance_dir, "instance_dir")] if req.instance_dir else []
+    if instances and not req.subject_prompts:
+        raise NullBoothError("evaluate: instance images were given but no subject prompt; pass --subject-prompt "
+                             "'a sks star' (repeatable) or --subject-prompts FILE")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(req.base, device=device)
+    check_comparable(pipe_architecture(pipe), req.base, pers_path, kind)
+    base = render(pipe, req.prompts, req.sampling)
+    base_subject = render(pipe, req.subject_prompts, req.sampling) if instances else None
+    if kind == "model":
+        del pipe
+        pipe = load_pipeline(str(pers_path), device=device)
+        what = "model"
+    else:
+        what = load_personalization(pipe, pers_path, PerfusionBlock())
+    pers = render(pipe, req.prompts, req.sampling)
+
+    report: dict[str, Any] = {
+        "base": req.base, "personalized": str(pers_path), "method": what,
+        "sampling": {"seeds": list(req.sampling.seeds), "steps": req.sampling.steps,
+                     "guidance": req.sampling.guidance, "resolution": req.sampling.resolution},
+        "prompts": len(req.prompts),
+    }
+    report.update(compare(base, pers, extractor, judge, req.k))
+    if instances:
+        pers_subject = render(pipe, req.subject_prompts, req.sampling)
+        report["subject"] = {
+            "prompts": req.subject_prompts,
+            "base": subject_scores(base_subject, instances, extractor, judge),
+            "personalized": subject_scores(pers_subject, instances, extractor, judge),
+        }
+    if req.output:
+        write_report(Path(req.output), report, base, pers)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def to_markdown(report: dict[str, Any], max_prompts: int = 50) -> str:
+    """The report as markdown: summary metrics, attribute accuracy, subject fidelity, per-prompt rows."""
+    lines = [f"# Evaluation: {report.get('method', '?')} vs base", "",
+             f"base `{report['base']}`, personalised `{report['personalized']}`; {report['prompts']} prompts × "
+             f"{len(report['sampling']['seeds'])} seeds = {report['images_per_model']} images per model, "
+             f"{report['sampling']['steps']} steps, guidance {report['sampling']['guidance']}; features: "
+             f"{report['features']}.", "",
+             "## Preservation (base images = reference set)", "", "| metric | value |", "| --- | --- |"]
+    for name, value in report["distribution"].items():
+        lines.append(f"| {name} | {_fmt(value)} |")
+    lines += [f"| paired same-seed RMSE (pixels in [0, 1]) | {_fmt(report['paired']['rmse'])} |", ""]
+    attrs = report.get("attributes")
+    if attrs:
+        lines += ["## Attributes (judge)", "", "| attribute | base accuracy | personalised accuracy | same-seed "
+                  "agreement | JSD |", "| --- | --- | --- | --- | --- |"]
+        for name in attrs["agreement"]:
+            lines.append(f"| {name} | {_fmt(attrs['base'].get(name))} | {_fmt(attrs['personalized'].get(name))} | "
+                         f"{_fmt(attrs['agreement'][name])} | {_fmt(attrs['jsd'][name])} |")
+        lines.append(f"| all stated | {_fmt(attrs['base'].get('all'))} | {_fmt(attrs['personalized'].get('all'))} "
+                     "| | |")
+        lines.append("")
+    subject = report.get("subject")
+    if subject:
+        keys = [k for k in subject["personalized"] if k not in ("images", "instances") and not k.startswith("instance_")]
+        lines += ["## Subject fidelity", "", f"{len(subject['prompts'])} subject prompt(s), "
+                  f"{subject['personalized']['instances']} instance image(s).", "",
+                  "| model | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+        for who in ("base", "personalized"):
+            lines.append(f"| {who} | " + " | ".join(_fmt(subject[who].get(k)) for k in keys) + " |")
+        lines.append("")
+    rows = report["per_prompt"][:max_prompts]
+    has_acc = rows and "base_accuracy" in rows[0]
+    lines += ["## Per prompt", "", "| prompt | paired RMSE |" + (" base acc | personalised acc |" if has_acc else ""),
+              "| --- | --- |" + (" --- | --- |" if has_acc else "")]
+    for r in rows:
+        extra = f" {_fmt(r['base_accuracy'])} | {_fmt(r['personalized_accuracy'])} |" if has_acc else ""
+        lines.append(f"| {r['prompt']} | {_fmt(r['paired_rmse'])} |{extra}")
+    if len(report["per_prompt"]) > max_prompts:
+        lines.append(f"\n({len(report['per_prompt']) - max_prompts} more prompts in evaluation.json)")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, report: dict[str, Any], base: Rendered, personalized: Rendered) -> list[Path]:
+    """``evaluation.json``, ``evaluation.md`` and ``samples.png`` (first seed of the first prompts, both models)."""
+    from nullbooth.io import write_json, write_text
+    from nullbooth.report.grids import captioned_rows
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "evaluation.json", folder / "evaluation.md", folder / "samples.png"]
+    write_json(paths[0], report)
+    write_text(paths[1], to_markdown(report))
+    n = min(12, len(base.prompts))
+    captioned_rows([("base", [row[0] for row in base.images[:n]]),
+                    ("personalised", [row[0] for row in personalized.images[:n]])]).save(paths[2])
+    return paths

@@ -1,0 +1,42 @@
+"""Every file and folder name nullbooth reads or writes, in one place.
+
+Names that other tools own keep those tools' spelling (diffusers' ``pytorch_lora_weights.safetensors``,
+the seed layout's ``{feature}_covariance.npy``); names that are ours carry ``nullbooth`` or a
+nullbooth-specific stem, so none collides with a peft or diffusers file of another schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+BUNDLED_MODELS = PACKAGE_DATA / "models"
+JUDGE_DIR = PACKAGE_DATA / "judge"
+SHIPPED_COVARIANCE = PACKAGE_DATA / "clip_vit_l14_text_covariance.npy"
+
+# a collection run (nullbooth.runs.layout)
+MANIFEST = "manifest.json"
+PROMPTS_FILE = "prompts.txt"
+SUMMED_STATS = Path("stats") / "summed.safetensors"
+TIMESTEP_SUMS_DIR = Path("stats") / "timestep_sums"
+OLD_TIMESTEP_SUMS = Path("stats") / "timestep_sums.safetensors"
+COLLECT_CHECKPOINT = Path(".partial") / "checkpoint.safetensors"  # one shard; checkpoint.rank{r}.safetensors per shard
+EIG_SUFFIX = "eig.safetensors"  # {feature}_eig.safetensors under storage "eigh"
+VISUALIZATIONS_DIR = "visualizations"
+RUN_REPORT = "report.html"
+
+# a training output (nullbooth.training)
+ADAPTER_WEIGHTS = "nullbooth_adapter.safetensors"
+ADAPTER_CONFIG = "nullbooth_adapter_config.json"
+LEGACY_ADAPTER_CONFIG = "adapter_config.json"  # written by nullbooth 0.1.0; peft owns that name
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+CONCEPT_FILE = "perfusion_concept.safetensors"
+PERFUSION_CONFIG = "perfusion_config.json"
+TRAIN_REPORT = "train_report.json"
+TRAIN_CONFIG = "train_config.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+# the judge and the world model
+JUDGE_WEIGHTS = "judge.safetensors"
+JUDGE_CONFIG = "judge.json"
+WORLD_MODEL_MARKER = "nullbooth_world_model.json"

@@ -1,0 +1,1 @@
+"""Training strategies (what is trained and how it is saved): NullBooth, baselines, adapters, Perfusion."""

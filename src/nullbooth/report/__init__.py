@@ -1,0 +1,1 @@
+"""Pictures and pages: HTML reports, covariance plots, image grids, attention pictures."""

@@ -1,0 +1,1 @@
+"""A collection run: plan, accumulate, shards, write, merge, distributed, diagnostics and the on-disk layout."""

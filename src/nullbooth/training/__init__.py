@@ -1,0 +1,1 @@
+"""Training: the DreamBooth loop (setup → loop → finish), checkpoints and the training report."""

@@ -1,0 +1,1 @@
+"""The shapes world: captioned scenes of shapes, its judge and feature extractors."""
