@@ -44,7 +44,8 @@ def config(model: str, prompts: Path, out: Path, steps: int, batch: int):
 
 def time_pair(model: str, n: int, steps: int, batch: int, repeats: int) -> dict:
     from nullbooth.models import load_pipeline
-    from nullbooth.runs.collect import collect, make_scheduler
+    from nullbooth.runs.collect import collect
+    from nullbooth.runs.plan import make_scheduler
 
     pipe = load_pipeline(model)
     prompts = make_prompts(n)

@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from nullbooth.generate import load_personalization
     from nullbooth.models import load_pipeline
     from nullbooth.runs.collect import collect
-    from nullbooth.training.train import train
+    from nullbooth.training.loop import train
     from nullbooth.world.judge import load_judge
 
     work = Path(args.work)

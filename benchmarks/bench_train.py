@@ -1,6 +1,6 @@
 """Training cost and preservation of nullbooth vs lora vs dreambooth on the same model, data and batch.
 
-Every method runs the real ``nullbooth.training.train.train`` in its own fresh process (so peak memory is its
+Every method runs the real ``nullbooth.training.loop.train`` in its own fresh process (so peak memory is its
 own), in interleaved rounds (n, l, d / l, d, n / …) so that load on the machine hits all methods alike.
 Per method it records:
 
@@ -122,7 +122,7 @@ def worker(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from nullbooth.models import load_pipeline
-    from nullbooth.training.train import train
+    from nullbooth.training.loop import train
 
     inputs = json.loads(args.inputs)
     out = Path(args.out)

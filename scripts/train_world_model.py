@@ -44,8 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nullbooth.eval.evaluate import WORLD_MODEL_MARKER
+from nullbooth.filenames import WORLD_MODEL_MARKER
 from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
+from nullbooth.sampling import sample
 from nullbooth.world.scenes import (
     ACCENT_COLOURS,
     World,
@@ -375,16 +376,9 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 50):
     """Images for ``prompts``; prompt ``i`` uses generator seed ``seed + i`` (same seeds for any model)."""
-    images = []
-    for s in range(0, len(prompts), batch):
-        chunk = prompts[s:s + batch]
-        gens = [torch.Generator().manual_seed(seed + s + k) for k in range(len(chunk))]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil")
-        images.extend(out.images)
-    return images
+    return sample(pipe, prompts, range(seed, seed + len(prompts)), steps=steps, guidance=guidance, batch_size=batch)
 
 
 def quality_gate(pipe, judge, n: int, steps: int, guidance: float, seed: int) -> dict:

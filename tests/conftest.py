@@ -79,11 +79,8 @@ def tiny_run(tmp_path_factory, tiny_pipe):
 def random_adapter(folder: Path, scale: float) -> Path:
     """A nullbooth adapter on tiny-sd with random half-width null spaces and random ``M`` (× ``scale``), saved in
     ``folder``; the unet is returned with the adapters still injected (for exports)."""
-    from nullbooth.methods.adapters import (
-        adapter_targets,
-        inject_null_space_adapters,
-        save_adapter,
-    )
+    from nullbooth.methods.adapter_files import save_adapter
+    from nullbooth.methods.adapters import adapter_targets, inject_null_space_adapters
     from nullbooth.models import load_pipeline
 
     pipe = load_pipeline("tiny-sd")

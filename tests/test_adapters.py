@@ -18,30 +18,21 @@ from safetensors import safe_open
 from torch import nn
 
 from nullbooth.errors import NullBoothError
+from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS
+from nullbooth.methods.adapter_files import bases_from_run, load_adapter, save_adapter
 from nullbooth.methods.adapters import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LORA_WEIGHTS,
     NullSpaceLinear,
-    adapter_leakage,
     adapter_parameters,
     adapter_targets,
-    bases_from_run,
-    dense_deltas,
-    export_diffusers_lora,
     inject_null_space_adapters,
-    leakage_on_features,
-    load_adapter,
-    lora_factors,
     merge_adapters,
     null_space_adapters,
-    project_update_,
-    relative_leakage,
     remove_adapters,
-    save_adapter,
     split_target,
     target_name,
 )
+from nullbooth.methods.leakage import adapter_leakage, leakage_on_features, project_update_, relative_leakage
+from nullbooth.methods.lora_export import dense_deltas, export_diffusers_lora, lora_factors
 from nullbooth.runs.layout import load_summed_statistics
 from nullbooth.stats.capture import cross_attention_layers
 from nullbooth.stats.moments import SecondMoment

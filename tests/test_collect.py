@@ -19,13 +19,14 @@ from conftest import PROMPTS, small_config, write_prompts
 from nullbooth.cli import main as cli_main
 from nullbooth.config import load_config
 from nullbooth.errors import NullBoothError
-from nullbooth.runs.collect import collect, make_scheduler
+from nullbooth.runs.collect import collect
 from nullbooth.runs.layout import (
     load_covariance_data,
     load_statistics,
     load_summed_statistics,
     read_manifest,
 )
+from nullbooth.runs.plan import make_scheduler
 from nullbooth.stats.capture import cross_attention_layers, record_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +209,7 @@ def _write_config(tmp_path: Path, out: str, n_prompts: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     n = 10
     straight = _write_config(tmp_path, "straight", n)
@@ -345,6 +347,7 @@ def test_unknown_layer_indices_and_unwritable_output(tmp_path, tiny_pipe):
         collect(small_config(tmp_path, cov_matrices_output_dir=str(blocker / "cov")), pipe=tiny_pipe, progress=False)
 
 
+@pytest.mark.slow
 def test_model_without_cross_attention_is_refused(tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -363,6 +366,7 @@ def test_model_without_cross_attention_is_refused(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("nullbooth collect: error: expected a UNet with cross-attention")
 
 
+@pytest.mark.slow
 def test_missing_model_folder_is_one_line(tmp_path):
     (tmp_path / "empty_model").mkdir()
     cfg = small_config(tmp_path)

@@ -23,9 +23,10 @@ from conftest import write_prompts
 
 from nullbooth.config import config_from_dict
 from nullbooth.errors import NullBoothError
-from nullbooth.runs.collect import CHECKPOINT, assign_shards, collect
+from nullbooth.runs.collect import collect
 from nullbooth.runs.distributed import setup
 from nullbooth.runs.layout import RunData, load_statistics, read_manifest
+from nullbooth.runs.shards import CHECKPOINT, assign_shards
 
 REL = 1e-12
 PROMPTS = [f"a {c} {s} on a plain background" for c, s in
@@ -81,6 +82,7 @@ def _torchrun(args: list[str], **kw) -> subprocess.Popen:
                              *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process(tmp_path, reference):
     proc = _torchrun(["-m", "nullbooth", "collect", "--config", str(_config_file(tmp_path, "dist"))])
     out, err = proc.communicate(timeout=300)
@@ -122,6 +124,7 @@ def _worker_of_rank(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_per_shard(tmp_path, reference, tiny_pipe, caplog):
     """SIGKILL rank 1 mid-shard under torchrun; restart: both shards continue from their checkpoints.
 
@@ -193,7 +196,7 @@ def test_environment_detection():
 
 def test_model_fingerprint_does_not_depend_on_the_thread_count(tiny_pipe):
     """torchrun workers run one thread each: they must compute the same run key as a multi-threaded process."""
-    from nullbooth.runs.collect import model_fingerprint
+    from nullbooth.runs.identity import model_fingerprint
 
     threads = torch.get_num_threads()
     try:

@@ -172,6 +172,7 @@ def test_bad_input_is_one_clear_line(case, needle, adapter_dir, tmp_path, capsys
 # ------------------------------------------------------------------------------------------ benchmark
 
 
+@pytest.mark.slow
 def test_preservation_benchmark_slice(tmp_path):
     """Every method of the benchmark trains, is scored against the base and lands in JSON, markdown and plot."""
     out = tmp_path / "results"

@@ -18,13 +18,14 @@ from PIL import Image
 from nullbooth.cli.generate import register_cli
 from nullbooth.config import config_from_dict
 from nullbooth.errors import NullBoothError
+from nullbooth.filenames import LORA_WEIGHTS
 from nullbooth.generate import (
     captioned_rows,
     generate,
     image_grid,
     load_personalization,
 )
-from nullbooth.methods.adapters import LORA_WEIGHTS, export_diffusers_lora
+from nullbooth.methods.lora_export import export_diffusers_lora
 from nullbooth.models import load_pipeline
 
 RES = 16

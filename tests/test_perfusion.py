@@ -18,24 +18,25 @@ import torch.utils.checkpoint
 from torch import nn
 
 from nullbooth.errors import NullBoothError
-from nullbooth.methods.perfusion.core import (
-    SD15_ATTN2_VALUE_WIDTHS,
-    PerfusionConcept,
-    PerfusionContext,
-    PerfusionEditor,
-    Rank1EditModule,
-    add_concept_token_,
+from nullbooth.methods.perfusion.compat import (
     calculate_input_covariance,
-    concept_file_bytes,
-    default_covariance,
-    find_cross_attention_layers,
-    inverse_covariance,
-    load_concept,
     loss_fn_weighted_by_mask,
     make_key_value_proj_rank1_edit_modules_,
     merge_rank1_edit_modules,
+)
+from nullbooth.methods.perfusion.concept import add_concept_token_
+from nullbooth.methods.perfusion.context import PerfusionContext
+from nullbooth.methods.perfusion.covariance import default_covariance, inverse_covariance
+from nullbooth.methods.perfusion.editor import PerfusionEditor
+from nullbooth.methods.perfusion.files import (
+    SD15_ATTN2_VALUE_WIDTHS,
+    PerfusionConcept,
+    concept_file_bytes,
+    load_concept,
     save_concept,
 )
+from nullbooth.methods.perfusion.module import Rank1EditModule
+from nullbooth.methods.perfusion.wiring import find_cross_attention_layers
 
 TOKEN, SUPER = "<my-teddy>", "teddy bear"  # a two-token superclass on purpose
 FLOOR = 1e-6  # the tiny text encoder's untrained final LayerNorm makes C rank d-1 (see inverse_covariance)

@@ -36,14 +36,9 @@ from safetensors.torch import load_file
 from nullbooth.config import config_from_dict, load_config
 from nullbooth.dataset import tokenize
 from nullbooth.errors import NullBoothError
-from nullbooth.methods.perfusion.core import (
-    _INIT_TEMPLATES,
-    PerfusionEditor,
-    Rank1EditModule,
-    calculate_input_covariance,
-    concept_file_bytes,
-    find_cross_attention_layers,
-)
+from nullbooth.methods.perfusion.compat import calculate_input_covariance
+from nullbooth.methods.perfusion.editor import _INIT_TEMPLATES, PerfusionEditor
+from nullbooth.methods.perfusion.files import concept_file_bytes
 from nullbooth.methods.perfusion.method import (
     CONCEPT_FILE,
     PERFUSION_CONFIG,
@@ -52,9 +47,11 @@ from nullbooth.methods.perfusion.method import (
     load_masks,
     perfusion_generation,
 )
+from nullbooth.methods.perfusion.module import Rank1EditModule
+from nullbooth.methods.perfusion.wiring import find_cross_attention_layers
 from nullbooth.methods.registry import make_method
 from nullbooth.models import load_pipeline
-from nullbooth.training.train import train
+from nullbooth.training.loop import train
 
 RES = 16  # 8×8 latents: a step well under a second on two busy CPU cores
 TOKEN, SUPER = "<sks-toy>", "teddy"  # "teddy" is one CLIP token
@@ -300,6 +297,7 @@ def test_two_concepts_generate_together(trained, trained2, base_pipe):
     assert torch.equal(unet_eps(both, ["a photo of a teddy"]), unet_eps(base_pipe, ["a photo of a teddy"]))
 
 
+@pytest.mark.slow
 def test_validation_sampling_does_not_change_what_is_trained(world):
     """Needs the train.py edit (validate() samples in eval mode): i*'s EMA must not follow validation prompts."""
     runs = []
@@ -354,6 +352,7 @@ def test_masks_follow_their_images_and_weight_the_loss(world, base_pipe):
     assert float(got) == pytest.approx(float((per_pixel * weight).mean()), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_masked_training_changes_what_is_learned(world):
     """Needs the train.py edit (the loop calls ``method.loss``): masks change o*; a floor of 1 equals no mask."""
     runs = {}
@@ -421,6 +420,7 @@ def test_shipped_config_loads_as_a_perfusion_run():
     assert set(data["perfusion"]) <= set(type(cfg.perfusion).model_fields)
 
 
+@pytest.mark.slow
 def test_make_method_finds_perfusion_without_a_prior_import():
     """``make_method`` knows every strategy without the caller importing its module first."""
     code = ("from nullbooth.config import config_from_dict\nfrom nullbooth.methods.registry import make_method\n"

@@ -30,10 +30,12 @@ from nullbooth.config import check_training, config_from_dict, load_config
 from nullbooth.dataset import image_to_tensor, load_examples
 from nullbooth.errors import NullBoothError
 from nullbooth.generate import load_personalization
-from nullbooth.methods.adapters import load_adapter
+from nullbooth.methods.adapter_files import load_adapter
 from nullbooth.models import load_pipeline
 from nullbooth.runs.layout import load_summed_statistics
-from nullbooth.training.train import class_examples, format_report, train
+from nullbooth.training.loop import train
+from nullbooth.training.prior import class_examples
+from nullbooth.training.report import format_report
 
 RES = 16  # image size: 4×4 latents keep a training step well under a second on two CPU cores
 THRESHOLD = 1e-2  # relative: null directions have λ < 1e-2 λ_max
@@ -148,6 +150,7 @@ def unet_out(pipe, prompt: str) -> torch.Tensor:
     return pipe.unet(x, torch.tensor([500, 500]), text).sample
 
 
+@pytest.mark.slow
 def test_lora_export_loaded_by_plain_diffusers_equals_our_adapter(trained):
     folder, _ = trained["adapter"]
     prompt = "a photo of sks dog"
@@ -193,6 +196,7 @@ def interrupt_after(pipe, calls: int):
     return pipe
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(world):
     """Killed mid-step after checkpoint-1, resumed from 'latest': the same weights and losses, bit for bit.
 
@@ -238,6 +242,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world):
     assert not (out / "checkpoint-3").exists() and not (out / "unet").exists()
 
 
+@pytest.mark.slow
 def test_cli_train_lora_and_plain_diffusers_loads_it(world, capsys):
     out = world["tmp"] / "lora"
     config = world["tmp"] / "lora.yaml"
@@ -262,6 +267,7 @@ def test_cli_train_lora_and_plain_diffusers_loads_it(world, capsys):
     assert float((unet_out(plain, "a photo of sks dog") - before).abs().max()) > 0
 
 
+@pytest.mark.slow
 def test_lora_runs_with_the_same_seed_are_identical(world):
     """peft initialises A from the global RNG: the run's seed has to pin it (bitwise equality)."""
     weights = []

@@ -19,13 +19,10 @@ from PIL import Image
 from nullbooth.cli.visualize import register_cli
 from nullbooth.errors import NullBoothError
 from nullbooth.report.attention import attention_grid, overlay
+from nullbooth.report.covariance import plot_covariance_summaries, spectrum_in_mode_units
 from nullbooth.report.observers import AttentionMapObserver
-from nullbooth.report.visualize import (
-    plot_covariance_summaries,
-    render_training_report,
-    spectrum_in_mode_units,
-    write_run_report,
-)
+from nullbooth.report.run_report import write_run_report
+from nullbooth.report.training_report import render_training_report
 from nullbooth.runs.attention import (
     PADDING,
     AttentionMaps,
@@ -34,8 +31,9 @@ from nullbooth.runs.attention import (
     record_attention,
     upsample_map,
 )
-from nullbooth.runs.collect import collect, make_plan
+from nullbooth.runs.collect import collect
 from nullbooth.runs.layout import load_covariance_data, read_manifest, timestep_dirname
+from nullbooth.runs.plan import make_plan
 from nullbooth.stats.capture import (
     cross_attention_layers,
     record_inputs,
@@ -199,6 +197,7 @@ def test_attention_grid_pixels_follow_the_maps(pictured_run):
     assert np.abs(arr[y0:y1, x0:x1] - np.rint(base * 255)).max() <= 1
 
 
+@pytest.mark.slow
 def test_heatmap_draws_the_stored_null_dims(pictured_run, tiny_pipe, tmp_path):
     run, _ = pictured_run
     summary, drawn = plot_covariance_summaries(run, tmp_path)
@@ -289,6 +288,7 @@ def _cli(argv: list[str]) -> int:
     return args.func(args)
 
 
+@pytest.mark.slow
 def test_cli_visualize_writes_a_self_contained_report(pictured_run, tmp_path, capsys):
     run, _ = pictured_run
     out = tmp_path / "out"

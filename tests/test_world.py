@@ -285,6 +285,7 @@ def _judged(pipe, judge, prompts: list[str], gate: dict) -> dict[str, float]:
     return shape_colour_match(judge, images, prompts)
 
 
+@pytest.mark.slow
 def test_shipped_world_model_draws_what_it_is_prompted():
     """A small re-measurement of the recorded gate with the shipped weights and the shipped judge.
 

@@ -8,10 +8,12 @@ Layers, each importing only from those above it in this list::
     errors, filenames, config, io, prompts          foundations
     stats/      capture, second moments, null spaces, compression
     models, sampling, dataset, world/               pipelines, the one seeded sampler, images, the shapes world
-    runs/       a collection run: layout, plan, accumulate, shards, write, merge, distributed, diagnostics
-    report/     HTML, plots, image grids, attention pictures
-    methods/    strategies, adapters + LoRA export + leakage, perfusion/
-    training/   setup → loop → finish, checkpoints, report
+    runs/       a collection run: layout, identity, plan, accumulate, shards, write, collect, merge,
+                distributed, diagnostics, attention recording
+    report/     HTML, covariance plots, run and training reports, image grids, attention pictures
+    methods/    strategy base, nullbooth, baselines, registry, adapters, adapter files, leakage, LoRA export,
+                perfusion/
+    training/   setup → loop → finish, checkpoints, prior data, report
     generate, eval/
     cli/        argparse and printing only
 """
@@ -46,17 +48,17 @@ _API: dict[str, str] = {
     "extend": "nullbooth.runs.merge",
     "inspect_run": "nullbooth.runs.diagnostics",
     "validate_run": "nullbooth.runs.diagnostics",
-    "visualize_run": "nullbooth.report.visualize",
+    "visualize_run": "nullbooth.report.run_report",
     "inject_null_space_adapters": "nullbooth.methods.adapters",
-    "load_adapter": "nullbooth.methods.adapters",
-    "save_adapter": "nullbooth.methods.adapters",
-    "bases_from_run": "nullbooth.methods.adapters",
-    "relative_leakage": "nullbooth.methods.adapters",
-    "export_diffusers_lora": "nullbooth.methods.adapters",
-    "Rank1EditModule": "nullbooth.methods.perfusion.core",
-    "PerfusionEditor": "nullbooth.methods.perfusion.core",
+    "load_adapter": "nullbooth.methods.adapter_files",
+    "save_adapter": "nullbooth.methods.adapter_files",
+    "bases_from_run": "nullbooth.methods.adapter_files",
+    "relative_leakage": "nullbooth.methods.leakage",
+    "export_diffusers_lora": "nullbooth.methods.lora_export",
+    "Rank1EditModule": "nullbooth.methods.perfusion.module",
+    "PerfusionEditor": "nullbooth.methods.perfusion.editor",
     "make_method": "nullbooth.methods.registry",
-    "train": "nullbooth.training.train",
+    "train": "nullbooth.training.loop",
     "generate": "nullbooth.generate",
     "evaluate": "nullbooth.eval.evaluate",
 }
@@ -82,13 +84,15 @@ if TYPE_CHECKING:
     from nullbooth.errors import NullBoothError
     from nullbooth.eval.evaluate import evaluate
     from nullbooth.generate import generate
-    from nullbooth.methods.adapters import (
-        bases_from_run, export_diffusers_lora, inject_null_space_adapters, load_adapter, relative_leakage, save_adapter,
-    )
-    from nullbooth.methods.perfusion.core import PerfusionEditor, Rank1EditModule
+    from nullbooth.methods.adapter_files import bases_from_run, load_adapter, save_adapter
+    from nullbooth.methods.adapters import inject_null_space_adapters
+    from nullbooth.methods.leakage import relative_leakage
+    from nullbooth.methods.lora_export import export_diffusers_lora
+    from nullbooth.methods.perfusion.editor import PerfusionEditor
+    from nullbooth.methods.perfusion.module import Rank1EditModule
     from nullbooth.methods.registry import make_method
     from nullbooth.models import load_pipeline
-    from nullbooth.report.visualize import visualize_run
+    from nullbooth.report.run_report import visualize_run
     from nullbooth.runs.collect import collect
     from nullbooth.runs.diagnostics import inspect_run, validate_run
     from nullbooth.runs.layout import RunData, load_covariance_data
@@ -96,4 +100,4 @@ if TYPE_CHECKING:
     from nullbooth.stats.capture import cross_attention_layers, record_inputs
     from nullbooth.stats.moments import SecondMoment, merge_all
     from nullbooth.stats.nullspace import NullSpace, null_dimension, null_space, spectrum, validate_covariance
-    from nullbooth.training.train import train
+    from nullbooth.training.loop import train

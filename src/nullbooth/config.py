@@ -29,7 +29,7 @@ from pydantic import (
 from nullbooth.errors import NullBoothError
 
 NullspaceMode = Literal["absolute", "relative", "energy", "rank", "percentile"]
-Method = Literal["nullbooth", "dreambooth", "lora", "perfusion"]
+MethodName = Literal["nullbooth", "dreambooth", "lora", "perfusion"]
 FEATURES = ("q", "k", "v", "out")
 
 
@@ -187,7 +187,7 @@ class Config(_Block):
     output_dir: str = "./outputs"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # -- what is trained
-    method: Method = Field("nullbooth", description="nullbooth | dreambooth (unconstrained baseline) | lora | perfusion")
+    method: MethodName = Field("nullbooth", description="nullbooth | dreambooth (unconstrained baseline) | lora | perfusion")
     nullbooth_update: Literal["adapter", "projected"] = Field(
         "adapter", description="adapter: ΔW = M Uᵀ (exact); projected: full weights, W ← W_old + (W_new − W_old) P")
     lora_rank: int = Field(4, ge=1)

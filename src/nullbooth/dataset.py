@@ -23,8 +23,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nullbooth.errors import NullBoothError
+from nullbooth.sampling import sample
 
 log = logging.getLogger(__name__)
+
+# Class images have always been sampled at the diffusers pipeline's default guidance (as in diffusers'
+# train_dreambooth.py); the config has no setting for it.
+CLASS_GUIDANCE = 7.5
 
 
 @dataclass(frozen=True)
@@ -117,12 +122,12 @@ def collection_examples(run_dir: Path, prompts: Sequence[str], resolution: int, 
     return out
 
 
-@torch.no_grad()
 def generate_class_images(pipe, prompt: str, folder: Path, count: int, *, start: int, resolution: int,
                           steps: int, batch_size: int, seed: int, progress: bool = False) -> list[Path]:
     """Sample ``count`` images of ``prompt`` with the base model into ``folder`` (``class_{i:05d}.png``).
 
-    Image ``i`` uses seed ``seed + i`` so a rerun that is interrupted regenerates the same set.
+    Image ``i`` uses seed ``seed + i`` (:func:`nullbooth.sampling.sample`) so a rerun that is interrupted
+    regenerates the same set. Each batch is written before the next is sampled: an interruption keeps them.
     """
     from tqdm.auto import tqdm
 
@@ -131,9 +136,8 @@ def generate_class_images(pipe, prompt: str, folder: Path, count: int, *, start:
     bar = tqdm(total=count, desc="class images", unit="img", disable=not progress)
     for first in range(start, start + count, batch_size):
         ids = list(range(first, min(first + batch_size, start + count)))
-        generators = [torch.Generator(device=pipe.unet.device).manual_seed(seed + i) for i in ids]
-        images = pipe([prompt] * len(ids), height=resolution, width=resolution, num_inference_steps=steps,
-                      generator=generators).images
+        images = sample(pipe, [prompt] * len(ids), [seed + i for i in ids], steps=steps, guidance=CLASS_GUIDANCE,
+                        size=resolution, batch_size=None)
         for i, image in zip(ids, images):
             path = folder / f"class_{i:05d}.png"
             tmp = path.with_name(f".{path.name}.tmp.png")

@@ -24,6 +24,10 @@ COLLECT_CHECKPOINT = Path(".partial") / "checkpoint.safetensors"  # one shard; c
 EIG_SUFFIX = "eig.safetensors"  # {feature}_eig.safetensors under storage "eigh"
 VISUALIZATIONS_DIR = "visualizations"
 RUN_REPORT = "report.html"
+ATTENTION_MAPS_DIR = "attention_maps"  # raw maps + images under visualizations/, so pictures can be re-rendered
+ATTENTION_INDEX = "index.json"
+ATTENTION_TENSORS = "maps.safetensors"
+COVARIANCE_STATISTICS = "covariance_statistics.json"  # beside the pictures in covariance_summaries/
 
 # a training output (nullbooth.training)
 ADAPTER_WEIGHTS = "nullbooth_adapter.safetensors"
@@ -33,8 +37,16 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME
 CONCEPT_FILE = "perfusion_concept.safetensors"
 PERFUSION_CONFIG = "perfusion_config.json"
 TRAIN_REPORT = "train_report.json"
+TRAIN_REPORT_HTML = "train_report.html"
 TRAIN_CONFIG = "train_config.json"
-CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-<step>/ holding the two files below
+CHECKPOINT_STATE = "trainer_state.json"
+CHECKPOINT_TENSORS = "state.safetensors"
+
+# an evaluation (nullbooth.eval)
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_MD = "evaluation.md"
+EVALUATION_SAMPLES = "samples.png"
 
 # the judge and the world model
 JUDGE_WEIGHTS = "judge.safetensors"

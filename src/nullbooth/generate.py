@@ -11,7 +11,6 @@ first with the same seeds and writes both rows into one captioned picture.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,11 +18,14 @@ from PIL import Image
 
 from nullbooth.config import Config, PerfusionBlock
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS
+from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, TRAIN_CONFIG
 from nullbooth.io import read_json
-from nullbooth.methods.adapters import load_adapter
+from nullbooth.methods.adapter_files import load_adapter
+from nullbooth.methods.perfusion.method import load_perfusion_personalization
+from nullbooth.models import load_pipeline
 from nullbooth.prompts import read_prompt_file
 from nullbooth.report.grids import captioned_rows, image_grid
+from nullbooth.sampling import sample
 
 
 def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | None = None) -> str:
@@ -50,7 +52,6 @@ def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | Non
     if lora.is_file():
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
         return "lora"
-    from nullbooth.methods.perfusion.method import load_perfusion_personalization
 
     if load_perfusion_personalization(pipe, path, perfusion) is not None:  # concept files here and/or --concept
         return "perfusion"
@@ -71,7 +72,7 @@ def resolve_prompts(cfg: Config, adapter_dir: Path) -> list[str]:
     prompts = list(g.prompts) + (read_prompt_file(g.prompts_file, "generate.prompts_file") if g.prompts_file else [])
     if prompts:
         return prompts
-    trained = adapter_dir / "train_config.json"
+    trained = adapter_dir / TRAIN_CONFIG
     source = read_json(trained, "a training config") if trained.is_file() else cfg.model_dump()
     for key in ("validation_prompt", "instance_prompt"):
         if source.get(key):
@@ -80,16 +81,15 @@ def resolve_prompts(cfg: Config, adapter_dir: Path) -> list[str]:
                          "--prompts FILE or set generate.prompts")
 
 
-@torch.no_grad()
-def sample(pipe, prompt: str, seeds: Sequence[int], size: int, steps: int, guidance: float) -> list[Image.Image]:
-    generators = [torch.Generator(device=pipe.unet.device).manual_seed(s) for s in seeds]
-    return pipe([prompt] * len(seeds), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                generator=generators).images
+def _row(pipe, prompt: str, cfg: Config) -> list[Image.Image]:
+    """``prompt`` with every seed of ``generate.seeds`` (one pipeline call)."""
+    g = cfg.generate
+    return sample(pipe, [prompt] * len(g.seeds), g.seeds, steps=g.num_inference_steps, guidance=g.guidance_scale,
+                  size=cfg.resolution, batch_size=None)
 
 
 def generate(cfg: Config, *, pipe=None) -> list[Path]:
     """Sample every prompt with every seed; one grid PNG per prompt (and base-vs-personalised comparisons)."""
-    from nullbooth.models import load_pipeline
 
     g = cfg.generate
     adapter_dir = Path(g.adapter or cfg.output_dir)
@@ -98,14 +98,12 @@ def generate(cfg: Config, *, pipe=None) -> list[Path]:
     if pipe is None:
         pipe = load_pipeline(cfg.pretrained_model_name_or_path,
                              device="cuda" if torch.cuda.is_available() else "cpu")
-    size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    base = [sample(pipe, p, g.seeds, size, g.num_inference_steps, g.guidance_scale) for p in prompts] \
-        if g.compare_base else []
+    base = [_row(pipe, p, cfg) for p in prompts] if g.compare_base else []
     kind = load_personalization(pipe, adapter_dir, cfg.perfusion)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, prompt in enumerate(prompts):
-        images = sample(pipe, prompt, g.seeds, size, g.num_inference_steps, g.guidance_scale)
+        images = _row(pipe, prompt, cfg)
         path = out_dir / f"{i:02d}_{_slug(prompt)}.png"
         image_grid(images).save(path)
         written.append(path)

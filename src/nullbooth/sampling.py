@@ -48,6 +48,5 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, gu
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[chunk]]
         result = pipe(prompt=list(prompts[chunk]), height=size, width=size, num_inference_steps=steps,
                       guidance_scale=guidance, generator=generators, output_type=output_type, **pipe_kwargs)
-        images = result.images
-        out.extend(images if isinstance(images, list) else list(images.unbind(0)))
+        out.extend(result.images)  # a list of PIL images, or an array / tensor iterated over its batch axis
     return out

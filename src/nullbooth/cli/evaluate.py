@@ -7,6 +7,7 @@ from pathlib import Path
 
 from nullbooth.cli.common import parse_seeds
 from nullbooth.errors import NullBoothError
+from nullbooth.filenames import EVALUATION_JSON, EVALUATION_MD
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -41,7 +42,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     report = evaluate(req)
     print(to_markdown(report, max_prompts=10), end="")
-    print(f"wrote {Path(req.output) / 'evaluation.json'} and evaluation.md")
+    print(f"wrote {Path(req.output) / EVALUATION_JSON} and {EVALUATION_MD}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``nullbooth train``: flags → config → :func:`nullbooth.training.train.train` → the report."""
+"""``nullbooth train``: flags → config → :func:`nullbooth.training.loop.train` → the report."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ TRAIN_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed", "method
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nullbooth.config import load_config
-    from nullbooth.training.train import format_report, train
+    from nullbooth.training.loop import train
+    from nullbooth.training.report import format_report
 
     cfg = load_config(args.config, overrides(args, TRAIN_FLAGS))
     report = train(cfg)

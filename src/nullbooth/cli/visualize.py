@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from nullbooth.report.visualize import visualize_run
+    from nullbooth.report.run_report import visualize_run
 
     report = visualize_run(Path(args.run_dir), Path(args.out) if args.out else None,
                            attention_maps=args.attention_maps, max_attention_timesteps=args.max_timesteps)

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nullbooth.config import PerfusionBlock
+from nullbooth.dataset import read_image_folder
 from nullbooth.errors import NullBoothError
 from nullbooth.eval.metrics import (
     attribute_jsd,
@@ -37,7 +39,12 @@ from nullbooth.eval.metrics import (
     paired_image_distance,
     subject_fidelity,
 )
-from nullbooth.filenames import WORLD_MODEL_MARKER
+from nullbooth.filenames import EVALUATION_JSON, EVALUATION_MD, EVALUATION_SAMPLES, TRAIN_CONFIG, WORLD_MODEL_MARKER
+from nullbooth.generate import load_personalization
+from nullbooth.io import read_json, write_json, write_text
+from nullbooth.models import load_pipeline, resolve_model_path
+from nullbooth.report.grids import captioned_rows
+from nullbooth.sampling import prompt_seed_pairs, sample
 from nullbooth.world.judge import (
     FeatureExtractor,
     Judge,
@@ -116,7 +123,6 @@ def check_same_architecture(base: dict[str, Any], other: dict[str, Any], base_na
 
 
 def is_world_model(name_or_path: str) -> bool:
-    from nullbooth.models import resolve_model_path
 
     return (Path(resolve_model_path(name_or_path)) / WORLD_MODEL_MARKER).is_file()
 
@@ -131,16 +137,13 @@ def personalized_kind(path: Path) -> str:
 
 def training_config(path: Path) -> dict[str, Any]:
     """The config a training output recorded (``train_config.json``), or ``{}`` for anything else."""
-    from nullbooth.io import read_json
-    from nullbooth.training.train import CONFIG_COPY
 
-    recorded = path / CONFIG_COPY
+    recorded = path / TRAIN_CONFIG
     return read_json(recorded, "a training config") if recorded.is_file() else {}
 
 
 def check_comparable(base_arch: dict[str, Any], base_name: str, pers_path: Path, kind: str) -> None:
     """Refuse a personalised model (or the base a training output records) of another architecture."""
-    from nullbooth.models import resolve_model_path
 
     if kind == "model" or (pers_path / "unet" / "config.json").is_file():
         check_same_architecture(base_arch, architecture(pers_path), base_name, str(pers_path))
@@ -153,20 +156,13 @@ def check_comparable(base_arch: dict[str, Any], base_name: str, pers_path: Path,
 # ----------------------------------------------------------------------------------------- rendering
 
 
-@torch.no_grad()
 def render(pipe, prompts: Sequence[str], sampling: Sampling) -> Rendered:
     """Every prompt × seed, ``sampling.batch`` images per pipeline call; same seeds for any model."""
-    size = sampling.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    jobs = [(i, s) for i in range(len(prompts)) for s in sampling.seeds]
-    out = Rendered(list(prompts), [[] for _ in prompts])
-    for start in range(0, len(jobs), sampling.batch):
-        chunk = jobs[start:start + sampling.batch]
-        gens = [torch.Generator(device=pipe.unet.device).manual_seed(s) for _, s in chunk]
-        images = pipe([prompts[i] for i, _ in chunk], height=size, width=size, generator=gens,
-                      num_inference_steps=sampling.steps, guidance_scale=sampling.guidance).images
-        for (i, _), im in zip(chunk, images):
-            out.images[i].append(im)
-    return out
+    flat_prompts, seeds = prompt_seed_pairs(prompts, sampling.seeds)
+    images = sample(pipe, flat_prompts, seeds, steps=sampling.steps, guidance=sampling.guidance,
+                    size=sampling.resolution, batch_size=sampling.batch)
+    k = len(sampling.seeds)
+    return Rendered(list(prompts), [images[i * k:(i + 1) * k] for i in range(len(prompts))])
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -288,10 +284,6 @@ class EvalRequest:
 
 def evaluate(req: EvalRequest) -> dict[str, Any]:
     """Render base and personalised images, score them, write ``evaluation.json`` / ``.md`` (with ``output``)."""
-    from nullbooth.config import PerfusionBlock
-    from nullbooth.dataset import read_image_folder
-    from nullbooth.generate import load_personalization
-    from nullbooth.models import load_pipeline
 
     check_counts(len(req.prompts), len(req.sampling.seeds), req.k)
     pers_path = Path(req.personalized)
@@ -391,11 +383,9 @@ def to_markdown(report: dict[str, Any], max_prompts: int = 50) -> str:
 
 def write_report(folder: Path, report: dict[str, Any], base: Rendered, personalized: Rendered) -> list[Path]:
     """``evaluation.json``, ``evaluation.md`` and ``samples.png`` (first seed of the first prompts, both models)."""
-    from nullbooth.io import write_json, write_text
-    from nullbooth.report.grids import captioned_rows
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "evaluation.json", folder / "evaluation.md", folder / "samples.png"]
+    paths = [folder / EVALUATION_JSON, folder / EVALUATION_MD, folder / EVALUATION_SAMPLES]
     write_json(paths[0], report)
     write_text(paths[1], to_markdown(report))
     n = min(12, len(base.prompts))

@@ -1,12 +1,18 @@
-"""The training strategies by name: ``method: nullbooth | dreambooth | lora | perfusion``."""
+"""The training strategies by name: ``method: nullbooth | dreambooth | lora | perfusion``.
+
+An explicit table: a method exists because it is listed here, never because some module was imported.
+"""
 
 from __future__ import annotations
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
-from nullbooth.methods.base import DreamBooth, Lora, Method, NullBooth
+from nullbooth.methods.base import Method
+from nullbooth.methods.baselines import DreamBooth, Lora
+from nullbooth.methods.nullbooth import NullBooth
 from nullbooth.methods.perfusion.method import Perfusion
 
+# name → class, each name spelled once (the class's ``name``, which its outputs record)
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NullBooth, DreamBooth, Lora, Perfusion)}
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from nullbooth.filenames import VISUALIZATIONS_DIR
 from nullbooth.report.attention import render_attention_maps
-from nullbooth.report.visualize import visualize_run
+from nullbooth.report.run_report import visualize_run
 from nullbooth.runs.attention import AttentionRecorder
 
 

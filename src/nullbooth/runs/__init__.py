@@ -1,1 +1,2 @@
-"""A collection run: plan, accumulate, shards, write, merge, distributed, diagnostics and the on-disk layout."""
+"""A collection run: identity, plan, accumulate, shards, write, collect, merge, distributed, diagnostics and the
+on-disk layout."""

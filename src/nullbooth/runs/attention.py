@@ -1,4 +1,4 @@
-"""Cross-attention maps recorded from the attention the UNet really applied (seed 000, ``visual_attention_map``).
+"""Cross-attention maps recorded from the attention the UNet really applied (docs/design.md §7, seed 000: ``visual_attention_map``).
 
 A cross-attention layer (``attn2``) lets every latent pixel ``i`` read the text tokens ``j`` with weights
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import VISUALIZATIONS_DIR
+from nullbooth.filenames import ATTENTION_INDEX, ATTENTION_MAPS_DIR, ATTENTION_TENSORS, VISUALIZATIONS_DIR
 from nullbooth.io import load_tensors, read_json, save_tensors, write_json
 from nullbooth.stats.capture import CrossAttentionLayer
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # Processors that compute exactly softmax(QKᵀ·s)V with the layer's own to_q/to_k/to_v/to_out (only the kernel
 # differs); swapping any of them for the classic computation changes the output by round-off only.
 EQUIVALENT_PROCESSORS = frozenset({"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU"})
-MAPS_DIR = "attention_maps"  # raw maps + images under visualizations/, so pictures can be re-rendered
+MAPS_DIR = ATTENTION_MAPS_DIR
 PADDING = "[padding]"
 
 # sink(layer name, probabilities [rows, N pixels, T tokens] float32, (h, w) when the layer saw a 4-D input)
@@ -212,12 +212,12 @@ class AttentionMaps:
         """Raw maps (float16 safetensors), the images (PNG) and an index (JSON) under ``folder``."""
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"{p:06d}/{layer}/{t:04d}": m.to(torch.float16) for (p, layer, t), m in self.maps.items()}
-        save_tensors(folder / "maps.safetensors", tensors, {"format": "nullbooth-attention-maps"})
+        save_tensors(folder / ATTENTION_TENSORS, tensors, {"format": "nullbooth-attention-maps"})
         for p, image in self.images.items():
             image.save(folder / f"prompt_{p:06d}.png")
         mass = {f"{p:06d}/{layer}/{t:04d}": [float(x) for x in m.double().mean((1, 2))]
                 for (p, layer, t), m in self.maps.items()}
-        write_json(folder / "index.json", {
+        write_json(folder / ATTENTION_INDEX, {
             "prompts": {str(p): s for p, s in self.prompts.items()},
             "tokens": {str(p): tok for p, tok in self.tokens.items()},
             "layers": self.layers, "timesteps": self.timesteps,
@@ -228,8 +228,8 @@ class AttentionMaps:
     def load(cls, folder: Path) -> "AttentionMaps":
         from PIL import Image
 
-        index = read_json(folder / "index.json", "an attention-map index")
-        tensors, _ = load_tensors(folder / "maps.safetensors", "attention maps")
+        index = read_json(folder / ATTENTION_INDEX, "an attention-map index")
+        tensors, _ = load_tensors(folder / ATTENTION_TENSORS, "attention maps")
         out = cls()
         out.prompts = {int(p): s for p, s in index["prompts"].items()}
         out.tokens = {int(p): tok for p, tok in index["tokens"].items()}

@@ -12,6 +12,7 @@ import torch
 from nullbooth.config import NullspaceMode
 from nullbooth.errors import NullBoothError
 from nullbooth.io import load_npy
+from nullbooth.runs.identity import model_fingerprint
 from nullbooth.runs.layout import (
     layer_dirname,
     load_covariance_data,
@@ -20,6 +21,7 @@ from nullbooth.runs.layout import (
     read_manifest,
     timestep_dirname,
 )
+from nullbooth.stats.capture import cross_attention_layers
 from nullbooth.stats.nullspace import null_dimension, spectrum, validate_covariance
 
 MODES: tuple[NullspaceMode, ...] = ("absolute", "relative", "energy", "rank", "percentile")
@@ -27,9 +29,6 @@ MODES: tuple[NullspaceMode, ...] = ("absolute", "relative", "energy", "rank", "p
 
 def check_model(run_dir: Path, pipe) -> None:
     """Refuse a run collected on another model (different attn2 layers, widths or weights)."""
-    from nullbooth.runs.collect import model_fingerprint
-    from nullbooth.stats.capture import cross_attention_layers
-
     manifest = read_manifest(run_dir)
     layers = {l.name: l.weight_shapes() for l in cross_attention_layers(pipe.unet)}
     for layer in manifest["layers"]:

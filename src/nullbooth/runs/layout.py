@@ -1,4 +1,4 @@
-"""The on-disk run layout (seed 000, "文件组织结构") and its atomic writers and readers.
+"""The on-disk run layout (docs/design.md §4; §7, seed 000: "文件组织结构") and the run's readers.
 
 ::
 
@@ -165,8 +165,6 @@ def load_summed_statistics(run_dir: Path) -> dict[tuple[str, str], SecondMoment]
 
 
 # --------------------------------------------------------------------------- whole runs (extend / merge)
-
-
 
 
 def write_run_prompts(run_dir: Path, prompts: list[str]) -> None:

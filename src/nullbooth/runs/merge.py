@@ -1,4 +1,4 @@
-"""Incremental updates and merges of collection runs (seed 000, 未来扩展 "增量更新").
+"""Incremental updates and merges of collection runs (docs/design.md §7, seed 000: 未来扩展 "增量更新").
 
 The seed updates a covariance by a weighted average ``(n₁C₁ + n₂C₂)/(n₁ + n₂)``; we keep the sums and
 counts themselves (``Σ xxᵀ``, ``n``, float64), so adding runs is exact addition:
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,24 @@ import torch
 
 from nullbooth.config import Config, NullBoothBlock, config_from_dict, set_dotted
 from nullbooth.errors import NullBoothError
-from nullbooth.io import write_json
+from nullbooth.io import read_json, write_json
+from nullbooth.models import load_pipeline
 from nullbooth.prompts import read_prompt_file, warn_truncated
-from nullbooth.runs.collect import (
-    PROMPT_FIELDS,
-    StoreSettings,
-    check_writable,
-    identity_key,
-    make_plan,
-    normalize_segments,
-    on_main,
-    prompts_identity,
-    run_plan,
-    write_run,
-)
+from nullbooth.runs.collect import check_writable, on_main, run_plan
 from nullbooth.runs.distributed import setup
-from nullbooth.runs.layout import MANIFEST, RunData, new_run_dir, write_run_prompts
+from nullbooth.runs.identity import PROMPT_FIELDS, identity_key, normalize_segments, prompts_identity
+from nullbooth.runs.layout import (
+    MANIFEST,
+    TEXT_KEY,
+    RunData,
+    layer_dirname,
+    new_run_dir,
+    stat_key,
+    timestep_dirname,
+    write_run_prompts,
+)
+from nullbooth.runs.plan import make_plan
+from nullbooth.runs.write import StoreSettings, write_run
 from nullbooth.stats.moments import SecondMoment
 
 log = logging.getLogger(__name__)
@@ -124,8 +127,6 @@ def extend(run_dir: str | Path, prompts: str | Path, *, pipe=None, output_dir: s
         new = read_prompt_file(prompts, "--prompts")
         check_writable(Path(cfg.nullbooth.cov_matrices_output_dir))
         if pipe is None:
-            from nullbooth.models import load_pipeline
-
             pipe = load_pipeline(cfg.pretrained_model_name_or_path, dtype=_dtype(base.identity["dtype"]),
                                  device=dist.model_device())
         if dist.is_main:
@@ -197,8 +198,6 @@ def _merge(runs: Sequence[str | Path], output_dir: str | Path | None, overrides:
                     "ones (relative error ≤ %.1e); the summed statistics training uses are exact",
                     ", ".join(run.path.name for run in datas if not run.exact_timesteps), worst)
         if settings.keep_timestep_sums:
-            from dataclasses import replace
-
             settings = replace(settings, keep_timestep_sums=False)
 
     out = Path(output_dir) if output_dir is not None else first.path.parent
@@ -242,14 +241,6 @@ def _merge(runs: Sequence[str | Path], output_dir: str | Path | None, overrides:
 
 def _shapes_from_metadata(run: RunData) -> dict[str, list[int]]:
     """``original_shape`` per statistic from a run's metadata files (runs written before the manifest kept them)."""
-    from nullbooth.io import read_json
-    from nullbooth.runs.layout import (
-        TEXT_KEY,
-        layer_dirname,
-        stat_key,
-        timestep_dirname,
-    )
-
     t = run.timesteps[0]
     shapes = {}
     for layer in run.layers:

@@ -1,4 +1,4 @@
-"""Compressed storage of the per-timestep matrices (seed 000, 未来扩展 "压缩存储"), and store sizes.
+"""Compressed storage of the per-timestep matrices (docs/design.md §7, seed 000: 未来扩展 "压缩存储"), and store sizes.
 
 The seed's ``compress_covariance_matrix`` keeps the top ``k`` singular triplets of ``C``. Dropping the
 *small* eigenvalues of a second moment drops exactly the directions its null space is made of, so a

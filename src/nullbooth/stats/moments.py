@@ -1,7 +1,7 @@
 """Streaming float64 second moments, additive and exactly mergeable.
 
 ``SecondMoment`` keeps the sufficient statistics of AlphaEdit's ``K₀K₀ᵀ``: the uncentered sum
-``S = Σ x xᵀ`` and the count ``n`` (DESIGN §2). Sums and counts add, so partial results from
+``S = Σ x xᵀ`` and the count ``n`` (docs/design.md §2). Sums and counts add, so partial results from
 timesteps, prompt batches, workers or later extensions combine exactly; the normalised matrix
 ``C = S / n`` is only formed when asked for.
 """

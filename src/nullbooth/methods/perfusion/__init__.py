@@ -1,1 +1,15 @@
-"""Perfusion (Tewel et al., SIGGRAPH 2023): key-locked, gated rank-1 edits of the cross-attention K/V projections."""
+"""Perfusion (Tewel et al., SIGGRAPH 2023): key-locked, gated rank-1 edits of the cross-attention K/V projections.
+
+Each module has one job, importing only from those above it::
+
+    covariance   C and C⁻¹: the shipped CLIP ViT-L/14 matrix, text second moments, default_covariance + cache
+    loss         the mask-weighted diffusion loss
+    concept      the concept token, its superclass ids, ConceptTokenEmbedding
+    context      PerfusionContext / RowPlan: which rows hold a concept, their superclass encodings
+    module       Rank1EditModule (eq. 3: W e − s·W i* + σ((s − β)/τ)·o*), merge_rank1_edit_modules
+    wiring       rank-1 edits onto / off a UNet's cross-attention
+    files        PerfusionConcept and concept files
+    editor       PerfusionEditor: attach / train / save / load / detach on a pipeline
+    compat       lucidrains/perfusion-pytorch's names, for drop-in use
+    method       ``method: perfusion`` for ``nullbooth train``, concept files for ``nullbooth generate``
+"""

@@ -1,7 +1,7 @@
 """``method: perfusion`` for ``nullbooth train``, and concept files for ``nullbooth generate``.
 
-The strategy object the training loop in :mod:`nullbooth.training.train` drives (see :class:`nullbooth.methods.base.Method`),
-built on :class:`nullbooth.methods.perfusion.core.PerfusionEditor`. What is trained (Tewel et al. 2023, Algorithm 1):
+The strategy object the training loop in :mod:`nullbooth.training.loop` drives (see :class:`nullbooth.methods.base.Method`),
+built on :class:`nullbooth.methods.perfusion.editor.PerfusionEditor`. What is trained (Tewel et al. 2023, Algorithm 1):
 
 * ``o*_V`` of every cross-attention layer (value outputs, eq. 3), learning rate ``value_lr`` (paper 0.03);
 * the concept token's input embedding, learning rate ``embedding_lr`` (paper 0.006);
@@ -13,7 +13,7 @@ prompts without the concept token run through the base model bit for bit.
 
 Data: the DreamBooth inputs of the loop (``instance_data_dir``, ``instance_prompt`` holding the concept
 token, optional prior preservation) plus, optionally, one subject mask per instance image
-(``perfusion.mask_dir``): the instance loss is then :func:`nullbooth.methods.perfusion.core.loss_fn_weighted_by_mask`
+(``perfusion.mask_dir``): the instance loss is then :func:`nullbooth.methods.perfusion.loss.loss_fn_weighted_by_mask`
 at latent resolution.
 
 Output (``output_dir``): ``perfusion_concept.safetensors`` (the per-concept tensors only, ≈107 KB for
@@ -43,14 +43,10 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import CONCEPT_FILE, PERFUSION_CONFIG
 from nullbooth.io import read_json, write_json
 from nullbooth.methods.base import Method, ParamGroups, WeightChanges
-from nullbooth.methods.perfusion.core import (
-    CONCEPT_FORMAT,
-    DEFAULT_EMBEDDING_LR,
-    DEFAULT_VALUE_LR,
-    PerfusionEditor,
-    default_covariance,
-    loss_fn_weighted_by_mask,
-)
+from nullbooth.methods.perfusion.covariance import default_covariance
+from nullbooth.methods.perfusion.editor import DEFAULT_EMBEDDING_LR, DEFAULT_VALUE_LR, PerfusionEditor
+from nullbooth.methods.perfusion.files import CONCEPT_FORMAT
+from nullbooth.methods.perfusion.loss import loss_fn_weighted_by_mask
 from nullbooth.prompts import read_prompt_file
 
 log = logging.getLogger(__name__)
@@ -128,7 +124,7 @@ def resolve_covariance(pipe, block: PerfusionBlock) -> tuple[torch.Tensor, dict[
     """``C`` for ``pipe``'s (base) text encoder and how it was obtained (recorded in ``perfusion_config.json``).
 
     ``covariance_file`` → that matrix; ``covariance_prompts`` → computed from those prompts (cached);
-    otherwise :func:`nullbooth.methods.perfusion.core.default_covariance` (shipped for SD 1.x, else computed from a
+    otherwise :func:`nullbooth.methods.perfusion.covariance.default_covariance` (shipped for SD 1.x, else computed from a
     built-in prompt list and cached). Call it before the concept token is added.
     """
     if block.covariance_file is not None:
@@ -353,7 +349,7 @@ class Perfusion(Method):
 
 
 def is_concept_file(path: str | Path) -> bool:
-    """Whether ``path`` is a safetensors file written by :func:`nullbooth.methods.perfusion.core.save_concept`."""
+    """Whether ``path`` is a safetensors file written by :func:`nullbooth.methods.perfusion.files.save_concept`."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -401,7 +397,7 @@ def perfusion_generation(pipe, concept_paths: Sequence[str | Path], beta: float 
 
     ``C⁻¹`` must be the one the concepts were trained with: ``C`` from an explicit ``covariance_file`` /
     ``covariance_prompts``, else the source recorded in the ``perfusion_config.json`` beside the first
-    concept file, else :func:`~nullbooth.methods.perfusion.core.default_covariance` -- checked against the recorded
+    concept file, else :func:`~nullbooth.methods.perfusion.covariance.default_covariance` -- checked against the recorded
     SHA-256 (a warning when it differs); ``eigenvalue_floor="training"`` reuses the run's floor ("auto"
     without a record).
     """

@@ -1,0 +1,286 @@
+"""The high-level entry point: :class:`PerfusionEditor` (attach / trainable_parameters / context / save / load / detach).
+
+It composes the parts of this package on a diffusers Stable Diffusion pipeline: the concept token
+(:mod:`~nullbooth.methods.perfusion.concept`), the text-encoder hook (:mod:`~nullbooth.methods.perfusion.context`),
+one rank-1 edit per cross-attention K/V (:mod:`~nullbooth.methods.perfusion.wiring`) and concept files
+(:mod:`~nullbooth.methods.perfusion.files`), and undoes all of it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nullbooth.errors import NullBoothError
+from nullbooth.methods.perfusion.concept import (
+    ConceptToken,
+    ConceptTokenEmbedding,
+    add_concept_token_,
+    check_new_token,
+    superclass_token_ids,
+)
+from nullbooth.methods.perfusion.context import PerfusionContext
+from nullbooth.methods.perfusion.covariance import default_covariance, inverse_covariance, module_device
+from nullbooth.methods.perfusion.files import PerfusionConcept, load_concept, save_concept
+from nullbooth.methods.perfusion.module import Rank1EditModule
+from nullbooth.methods.perfusion.wiring import (
+    find_cross_attention_layers,
+    make_unet_rank1_edit_modules_,
+    remove_unet_rank1_edit_modules_,
+    wired_modules,
+)
+
+__all__ = ["DEFAULT_EMBEDDING_LR", "DEFAULT_VALUE_LR", "PerfusionEditor"]
+
+# Learning rates of the two trainable tensors. The paper trains the concept embedding with a lower
+# rate than o*_V; these values follow lucidrains' reading of it ("0.006 vs 0.03").
+DEFAULT_VALUE_LR = 0.03
+DEFAULT_EMBEDDING_LR = 0.006
+
+# Prompts used to initialise i* and o*_V when a concept is attached (the mean over them).
+_INIT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "a close-up photo of a {}",
+    "a bright photo of the {}", "a good photo of a {}", "a photo of one {}", "a photo of the {}",
+)
+
+
+class PerfusionEditor:
+    """Perfusion on a diffusers Stable Diffusion pipeline: attach, train, save, load, generate, detach.
+
+    >>> editor = PerfusionEditor.attach(pipe, "<my-teddy>", "teddy")   # C: default_covariance(pipe)
+    >>> opt = torch.optim.AdamW(editor.trainable_parameters())           # o*_V of every layer + the token embedding
+    >>> pipe.unet.train(); enc = pipe.text_encoder(ids)[0]; pred = pipe.unet(x_t, t, enc).sample   # as usual
+    >>> editor.save("teddy.safetensors")
+    >>> editor = PerfusionEditor.load(pipe, "teddy.safetensors", "cat.safetensors")   # multi-concept
+    >>> with editor.context(beta=0.7, tau=0.15): image = pipe("a <my-teddy> next to a <my-cat>").images[0]
+    >>> editor.detach()   # exact undo: original tokenizer, embeddings, nn.Linear objects, requires_grad flags
+
+    While attached, a plain ``pipe(...)`` call applies the concepts (the text encoder is hooked).
+    Mode follows the UNet: ``pipe.unet.train()`` updates the EMA of ``i*`` and uses the training gate.
+    """
+
+    def __init__(self, pipe: Any, concepts: list[ConceptToken], context: PerfusionContext,
+                 modules: dict[str, tuple[Rank1EditModule, Rank1EditModule]], embedding: ConceptTokenEmbedding,
+                 undo: dict[str, Any]) -> None:
+        self.pipe = pipe
+        self.concepts = concepts
+        self.ctx = context
+        self.modules = modules
+        self.embedding = embedding
+        self._undo = undo
+        self.attached = True
+
+    # -- construction --
+    @classmethod
+    def attach(cls, pipe: Any, concept_token: str, superclass: str, C: Tensor | np.ndarray | None = None, *,
+               layers: Sequence[str] | None = None, init_prompts: Sequence[str] | None = None,
+               eigenvalue_floor: float | Literal["auto"] | None = "auto", **module_kwargs: Any) -> "PerfusionEditor":
+        """Add ``concept_token`` (initialised from ``superclass``), wire every attn2 and initialise ``i*``/``o*_V``.
+
+        ``C=None`` uses :func:`default_covariance`; ``eigenvalue_floor="auto"`` regularises a singular
+        ``C`` with a warning (``None``: refuse it). ``init_prompts`` (templates with ``{}``) set the
+        initial ``i*`` / ``o*_V`` as means over those prompts. ``module_kwargs`` go to
+        :class:`Rank1EditModule` (``input_decay``, β/τ, ``frac_gradient_concept_embed``, ...).
+        """
+        editor = cls._build(pipe, [(concept_token, superclass)], C, layers=layers, eigenvalue_floor=eigenvalue_floor,
+                            **module_kwargs)
+        try:
+            editor.initialize(init_prompts)
+        except BaseException:
+            editor.detach()
+            raise
+        return editor
+
+    @classmethod
+    def load(cls, pipe: Any, *paths: str | os.PathLike, C: Tensor | np.ndarray | None = None,
+             use_cholesky: bool = False, eigenvalue_floor: float | Literal["auto"] | None = "auto",
+             **module_kwargs: Any) -> "PerfusionEditor":
+        """Attach one or more saved concepts (multi-concept generation); refuses files that do not fit the model."""
+        if not paths:
+            raise NullBoothError("expected at least one concept file to load, got none")
+        concepts = [load_concept(p) for p in paths]
+        layer_widths = {n: a.to_v.out_features for n, a in find_cross_attention_layers(pipe.unet).items()}
+        text_dim = pipe.text_encoder.config.hidden_size
+        for p, c in zip(paths, concepts):
+            c.check_compatible(layer_widths, text_dim, source=str(p))
+        tokens = [c.token for c in concepts]
+        if len(set(tokens)) != len(tokens):
+            raise NullBoothError(f"two concept files use the same token ({tokens}); each concept needs its own token")
+        gates = {(c.eval_beta, c.eval_temperature, c.train_beta, c.train_temperature) for c in concepts}
+        if len(gates) > 1:
+            warnings.warn(
+                f"concept files use different gate parameters {sorted(gates)}; "
+                f"using those of {paths[0]}", stacklevel=2,
+            )
+        first = concepts[0]
+        gate = dict(eval_beta=first.eval_beta, eval_temperature=first.eval_temperature, train_beta=first.train_beta,
+                    train_temperature=first.train_temperature, input_decay=first.input_decay)
+        gate.update(module_kwargs)
+        editor = cls._build(pipe, [(c.token, c.superclass) for c in concepts], C, layers=list(first.o_star),
+                            eigenvalue_floor=eigenvalue_floor, multi_concepts_use_cholesky=use_cholesky, **gate)
+        try:
+            with torch.no_grad():
+                for k, c in enumerate(concepts):
+                    editor.embedding.vectors[k] = c.token_embedding.to(editor.embedding.vectors)
+                    for name, (key, value) in editor.modules.items():
+                        key.set_concept(k, c.i_star[name])
+                        value.set_concept(k, c.i_star[name], c.o_star[name])
+        except BaseException:
+            editor.detach()
+            raise
+        return editor
+
+    @classmethod
+    def _build(cls, pipe: Any, specs: Sequence[tuple[str, str]], C: Tensor | np.ndarray | None, *,
+               layers: Sequence[str] | None, eigenvalue_floor: float | Literal["auto"] | None,
+               **module_kwargs: Any) -> "PerfusionEditor":
+        for part in ("unet", "text_encoder", "tokenizer"):
+            if getattr(pipe, part, None) is None:
+                raise NullBoothError(f"expected a Stable Diffusion pipeline with a {part}, got none")
+        unet, text_encoder = pipe.unet, pipe.text_encoder
+        if wired_modules(unet) or isinstance(text_encoder.get_input_embeddings(), ConceptTokenEmbedding):
+            raise NullBoothError("this pipeline already has a Perfusion editor attached; detach it first")
+        text_dim = text_encoder.config.hidden_size
+        cross_dim = {a.to_k.in_features for a in find_cross_attention_layers(unet).values()}
+        if cross_dim != {text_dim}:
+            raise NullBoothError(
+                f"the UNet's cross-attention reads width {sorted(cross_dim)}, "
+                f"the text encoder gives {text_dim}"
+            )
+        # validate every input before the first mutation
+        unknown = sorted(set(layers or ()) - set(find_cross_attention_layers(unet)))
+        if unknown:
+            raise NullBoothError(f"unknown cross-attention layers {unknown[:3]}; see find_cross_attention_layers(pipe.unet)")
+        for token, superclass in specs:
+            check_new_token(pipe.tokenizer, token)
+            superclass_token_ids(pipe.tokenizer, superclass)
+        if C is None:
+            C = default_covariance(pipe)
+        C_inv = inverse_covariance(C, dim=text_dim, eigenvalue_floor=eigenvalue_floor)
+        Rank1EditModule(nn.Linear(text_dim, 1, bias=False), C_inv=C_inv, **module_kwargs)  # validates kwargs
+
+        undo: dict[str, Any] = {
+            "tokenizer": pipe.tokenizer, "embedding": text_encoder.get_input_embeddings(),
+            "vocab_size": text_encoder.config.vocab_size,
+            "requires_grad": {id(p): (p, p.requires_grad) for part in ("unet", "text_encoder", "vae")
+                              if getattr(pipe, part, None) is not None for p in getattr(pipe, part).parameters()},
+        }
+        tokenizer = copy.deepcopy(pipe.tokenizer)
+        concepts = [add_concept_token_(tokenizer, text_encoder, tok, sup) for tok, sup in specs]
+        embedding = ConceptTokenEmbedding(text_encoder.get_input_embeddings(), [c.token_id for c in concepts])
+        text_encoder.set_input_embeddings(embedding)
+        pipe.tokenizer = tokenizer
+        context = PerfusionContext(concepts)
+        modules = make_unet_rank1_edit_modules_(unet, C=None, C_inv=C_inv, layers=layers, context=context,
+                                                num_concepts=len(concepts), **module_kwargs)
+        context.install(text_encoder)
+        for part in ("unet", "text_encoder", "vae"):  # freeze everything (incl. the grown embedding) ...
+            if getattr(pipe, part, None) is not None:
+                getattr(pipe, part).requires_grad_(False)
+        embedding.vectors.requires_grad_(True)  # ... but the two trainable tensors
+        for _, value in modules.values():
+            value.concept_outputs.requires_grad_(True)
+        return cls(pipe, concepts, context, modules, embedding, undo)
+
+    # -- use --
+    def _check(self) -> None:
+        if not self.attached:
+            raise NullBoothError("this Perfusion editor was detached; attach or load again")
+
+    @torch.no_grad()
+    def initialize(self, prompts: Sequence[str] | None = None) -> None:
+        """Set ``i*`` (mean concept encoding) and ``o*_V = W_V e_H`` (mean superclass encoding) of every concept."""
+        self._check()
+        templates = list(prompts) if prompts is not None else list(_INIT_TEMPLATES)
+        tok, te = self.pipe.tokenizer, self.pipe.text_encoder
+        device = module_device(te)
+        for k, concept in enumerate(self.concepts):
+            texts = [t.format(concept.token) if "{}" in t else f"{t} {concept.token}" for t in templates]
+            ids = tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                      return_tensors="pt").input_ids.to(device)
+            with self.ctx:
+                hidden = te(ids)[0]  # [b, n, d]
+                plan = self.ctx.plan(hidden)
+            if plan is None or not bool(plan.active[:, k].all()):
+                raise NullBoothError(f"could not find the concept token {concept.token!r} in the initialisation prompts")
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            i_star = hidden[rows, plan.positions[:, k]].double().mean(0)  # [d]
+            e_h = plan.superclass_enc[:, k].double().mean(0)  # [d]
+            for key, value in self.modules.values():
+                key.set_concept(k, i_star)
+                value.set_concept(k, i_star, value.weight.double() @ e_h)
+
+    def trainable_parameters(self, value_lr: float = DEFAULT_VALUE_LR, embedding_lr: float = DEFAULT_EMBEDDING_LR,
+                             weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer param groups: every value module's ``o*_V`` and the concept token embedding(s).
+
+        Nothing else requires grad while attached (W, keys, the rest of the model are frozen). The
+        default rates (o*_V 0.03, embedding 0.006) follow lucidrains' reading of the paper's two rates.
+        """
+        self._check()
+        values = [v.concept_outputs for _, v in self.modules.values()]
+        return [
+            {"params": values, "lr": value_lr, "weight_decay": weight_decay, "name": "perfusion_values"},
+            {"params": [self.embedding.vectors], "lr": embedding_lr, "weight_decay": weight_decay, "name": "concept_embedding"},
+        ]
+
+    @contextlib.contextmanager
+    def context(self, beta: float | None = None, tau: float | None = None) -> Iterator["PerfusionEditor"]:
+        """Scope for ``pipe(...)`` / UNet calls: fresh records, optional β/τ override, a warning if nothing matched."""
+        self._check()
+        with self.ctx, self.ctx.override(beta, tau):
+            yield self
+
+    def concept_state(self, concept: int | str = 0) -> PerfusionConcept:
+        """The per-concept tensors of one concept (by index or token)."""
+        self._check()
+        k = self._index(concept)
+        key0, value0 = next(iter(self.modules.values()))
+        i_star, o_star = {}, {}
+        for name, (key, value) in self.modules.items():
+            i_star[name] = value.ema_concept_text_encs[k].detach().float().cpu()
+            o_star[name] = value.concept_outputs[k].detach().float().cpu()
+            if not torch.allclose(key.ema_concept_text_encs[k].float().cpu(), i_star[name], rtol=1e-5, atol=1e-6):
+                warnings.warn(f"key and value i* differ in {name}; saving the value module's", stacklevel=2)
+        return PerfusionConcept(
+            self.concepts[k].token, self.concepts[k].superclass, self.embedding.vectors[k].detach().float().cpu(),
+            i_star, o_star, eval_beta=value0.eval_beta, eval_temperature=value0.eval_temperature,
+            train_beta=value0.train_beta, train_temperature=value0.train_temperature, input_decay=value0.input_decay,
+        )
+
+    def save(self, path: str | os.PathLike, concept: int | str = 0, *, dtype: torch.dtype = torch.float32) -> int:
+        """Write one concept to a safetensors concept file; returns the bytes written."""
+        return save_concept(path, self.concept_state(concept), dtype=dtype)
+
+    def _index(self, concept: int | str) -> int:
+        if isinstance(concept, str):
+            for k, c in enumerate(self.concepts):
+                if c.token == concept:
+                    return k
+            raise NullBoothError(f"unknown concept token {concept!r}; attached: {[c.token for c in self.concepts]}")
+        if not 0 <= concept < len(self.concepts):
+            raise NullBoothError(f"expected a concept index in [0, {len(self.concepts)}), got {concept}")
+        return concept
+
+    def detach(self) -> None:
+        """Exact undo: original nn.Linear objects, token embedding, vocab size, tokenizer and requires_grad flags."""
+        if not self.attached:
+            return
+        pipe, undo = self.pipe, self._undo
+        self.ctx.uninstall()
+        remove_unet_rank1_edit_modules_(pipe.unet)
+        current = pipe.text_encoder.get_input_embeddings().weight  # follow any pipe.to(device/dtype) since attach
+        pipe.text_encoder.set_input_embeddings(undo["embedding"].to(device=current.device, dtype=current.dtype))
+        pipe.text_encoder.config.vocab_size = undo["vocab_size"]
+        pipe.tokenizer = undo["tokenizer"]
+        for p, flag in undo["requires_grad"].values():
+            p.requires_grad_(flag)
+        self.attached = False

@@ -1,0 +1,161 @@
+"""What the loop learns from, taken from the base model and the data before the method changes anything.
+
+- the collection run whose statistics define the null spaces (:func:`statistics_run`);
+- the prior-preservation class examples of DreamBooth eq. 2 (:func:`class_examples`): the run's own
+  generations with their prompts, or ``class_data_dir`` topped up by the base model;
+- the held-out features the report measures leakage on (:func:`heldout_statistics`);
+- the frozen VAE's ``q(z | x)`` and the frozen text encoder's encodings, computed once
+  (:func:`latent_distributions`, :func:`prompt_inputs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from nullbooth.config import Config
+from nullbooth.dataset import (
+    Example,
+    collection_examples,
+    generate_class_images,
+    load_examples,
+    read_image_folder,
+    tokenize,
+)
+from nullbooth.errors import NullBoothError
+from nullbooth.methods.base import Method
+from nullbooth.prompts import read_prompt_file
+from nullbooth.report.observers import collection_observers
+from nullbooth.runs.collect import collect, find_run
+from nullbooth.runs.diagnostics import check_model
+from nullbooth.runs.layout import read_manifest
+from nullbooth.runs.plan import make_plan
+from nullbooth.sampling import sample
+from nullbooth.stats.capture import CrossAttentionLayer, record_inputs
+from nullbooth.stats.moments import SecondMoment
+
+log = logging.getLogger(__name__)
+
+
+def statistics_run(cfg: Config, pipe, accelerator, *, create: bool, progress: bool = True) -> Path | None:
+    """The collection run of this model and config: ``nullbooth.stats_run``, a matching run (collected first
+    when ``create`` and none exists), or ``None`` (baselines without statistics)."""
+    nb = cfg.nullbooth
+    if nb.stats_run is not None:
+        run = Path(nb.stats_run)
+        manifest = read_manifest(run)
+        if manifest.get("status") != "complete":
+            raise NullBoothError(f"nullbooth.stats_run: {run} is incomplete (status {manifest.get('status')!r}); "
+                                 "finish it with `nullbooth collect` or point at a complete run")
+        check_model(run, pipe)  # refuses runs of other models / other layer shapes
+        return run
+    if nb.original_knowledge_prompts is None:
+        return None
+    if create:
+        # Every process calls collect (it shares the sampling out under torchrun / accelerate launch and
+        # returns the same run everywhere); a matching complete run is reused, a partial one resumed.
+        return collect(cfg, pipe=pipe, progress=progress and accelerator.is_main_process,
+                       observers=collection_observers(cfg))
+    plan = make_plan(cfg, pipe, read_prompt_file(nb.original_knowledge_prompts))
+    run = find_run(Path(nb.cov_matrices_output_dir), plan.key, complete=True)
+    if run is None:
+        log.info("no complete statistics run of this model and prompts under %s: the report leaves out the leakage "
+                 "on preserved features (run `nullbooth collect` first to get it)", nb.cov_matrices_output_dir)
+    return run
+
+
+def class_examples(cfg: Config, pipe, accelerator, stats_run: Path | None, resolution: int,
+                   progress: bool = True) -> list[Example]:
+    """Prior-preservation examples: the collection run's own generations (each with its prompt) when the run
+    kept them and no ``class_data_dir`` is given; otherwise ``class_data_dir``, topped up by the base model."""
+    if not cfg.with_prior_preservation:
+        return []
+    if cfg.class_data_dir is None and stats_run is not None and (stats_run / "generations").is_dir():
+        prompts = run_prompts(stats_run)
+        if prompts:
+            found = collection_examples(stats_run, prompts, resolution, cfg.num_class_images)
+            if found:
+                log.info("prior preservation: %d generation(s) of the collection run %s with their prompts",
+                         len(found), stats_run)
+                return found
+    folder = Path(cfg.class_data_dir or Path(cfg.output_dir) / "class_images")
+    have = len(read_image_folder(folder, "class_data_dir", allow_empty=True))
+    if have < cfg.num_class_images:
+        if accelerator.is_main_process:
+            log.info("generating %d class image(s) of %r into %s", cfg.num_class_images - have, cfg.class_prompt, folder)
+            generate_class_images(pipe, cfg.class_prompt, folder, cfg.num_class_images - have, start=have,
+                                  resolution=resolution, steps=cfg.class_generation_steps,
+                                  batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=progress)
+        accelerator.wait_for_everyone()
+    return load_examples(folder, cfg.class_prompt, resolution, "class_data_dir", limit=cfg.num_class_images)
+
+
+def run_prompts(run_dir: Path) -> list[str] | None:
+    """The prompts a run was collected on, when its prompt file is still there unchanged."""
+    manifest = read_manifest(run_dir)
+    path = manifest.get("prompts_file")
+    try:
+        prompts = read_prompt_file(path)
+    except NullBoothError:
+        return None
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    return prompts if digest == manifest["identity"].get("prompts_sha256") else None
+
+
+def prompt_inputs(method: Method, pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids ``[N, 77]`` when the method trains the text encoder, else the (fixed) encodings ``[N, 77, d]``."""
+    ids = tokenize(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
+    if method.trains_text_encoder:
+        return ids
+    with torch.no_grad():
+        return torch.cat([method.encode_prompt(pipe.text_encoder, ids[i:i + 16]) for i in range(0, len(ids), 16)])
+
+
+@torch.no_grad()
+def latent_distributions(vae, examples: Sequence[Example], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of ``q(z | x)`` for every example (the VAE is frozen: computed once), ``[N, 4, h, w]``."""
+    means, stds = [], []
+    for i in range(0, len(examples), batch_size):
+        pixels = torch.stack([e.pixels for e in examples[i:i + batch_size]]).to(vae.device, vae.dtype)  # [b, 3, H, W]
+        dist = vae.encode(pixels).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def heldout_statistics(cfg: Config, pipe, layers: Sequence[CrossAttentionLayer]) -> dict[tuple[str, str], SecondMoment]:
+    """Second moments of the base model's attn2 inputs on the held-out prompts (``heldout_steps`` sampling
+    steps, guidance on); k and v share one text statistic."""
+    prompts = read_prompt_file(cfg.heldout_prompts, "heldout_prompts")
+    features = [f for f in cfg.nullbooth.collect_features.selected()]
+    hooked = sorted({"k" if f in ("k", "v") else f for f in features})
+    stats: dict[tuple[str, str], SecondMoment] = {}
+    text: list[SecondMoment] = []
+
+    def sink(layer: CrossAttentionLayer, feature: str, x: torch.Tensor) -> None:
+        if feature == "k":  # the same text encodings reach every layer: accumulate them once
+            if layer.name != layers[0].name:
+                return
+            if not text:
+                text.append(SecondMoment(x.shape[-1], device=x.device))
+            text[0].add(x)
+            return
+        key = (layer.name, feature)
+        if key not in stats:
+            stats[key] = SecondMoment(x.shape[-1], device=x.device)
+        stats[key].add(x)
+
+    with record_inputs(layers, hooked, sink):  # the latents are not needed, only what the hooks saw
+        sample(pipe, prompts, range(cfg.seed, cfg.seed + len(prompts)), steps=cfg.heldout_steps,
+               guidance=cfg.nullbooth.guidance_scale, size=cfg.resolution,
+               batch_size=cfg.nullbooth.collection_batch_size, output_type="latent")
+    for layer in layers:
+        for f in ("k", "v"):
+            if f in features and text:
+                stats[(layer.name, f)] = text[0]
+    return stats

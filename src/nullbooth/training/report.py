@@ -1,0 +1,168 @@
+"""What a training run shows people: validation grids, the report (JSON, text table, HTML), the NaN message.
+
+The report's leakage is eq. 2 of :mod:`nullbooth.methods.leakage`, ``‖ΔW X₀‖_F / ‖W X₀‖_F``, on the
+preserved features (the statistics run) and on held-out prompts, next to the bound a null-space
+threshold implies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from nullbooth import __version__
+from nullbooth.config import Config
+from nullbooth.filenames import TRAIN_REPORT_HTML
+from nullbooth.methods.adapters import split_target
+from nullbooth.methods.base import Method
+from nullbooth.methods.leakage import relative_leakage
+from nullbooth.report.grids import image_grid
+from nullbooth.report.training_report import render_training_report
+from nullbooth.runs.layout import load_summed_statistics
+from nullbooth.sampling import sample
+from nullbooth.stats.nullspace import empty_fix
+from nullbooth.training.checkpoint import latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, pipe, output_dir: Path, step: int, resolution: int) -> Path:
+    """Sample the validation prompt with the model as it is now (image ``i`` with seed ``seed + i``, in one
+    pipeline call); a grid in ``validation/step-<step>.png``."""
+    n = cfg.num_validation_images
+    training = pipe.unet.training
+    pipe.unet.eval()  # inference: e.g. Perfusion's i* EMA must not move while sampling
+    try:
+        images = sample(pipe, [cfg.validation_prompt] * n, range(cfg.seed, cfg.seed + n), size=resolution,
+                        steps=cfg.generate.num_inference_steps, guidance=cfg.generate.guidance_scale, batch_size=None)
+    finally:
+        pipe.unet.train(training)
+    path = output_dir / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def output_info(cfg: Config, method: Method, stats_run: Path | None) -> dict[str, Any]:
+    """The common header of every output: what was trained from what, and with which software."""
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    nb = cfg.nullbooth
+    return {
+        "method": method.name,
+        "pretrained_model_name_or_path": cfg.pretrained_model_name_or_path,
+        "stats_run": str(stats_run) if stats_run else None,
+        "nullspace_mode": nb.nullspace_mode, "nullspace_threshold": nb.nullspace_threshold,
+        "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
+        "max_train_steps": cfg.max_train_steps, "learning_rate": method.lr, "resolution": cfg.resolution,
+        "versions": {"nullbooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__,
+                     "accelerate": accelerate.__version__},
+    }
+
+
+def leakage_rows(method: Method, preserved: dict | None, heldout: dict | None) -> list[dict[str, Any]]:
+    """Per trained weight: ``‖ΔW‖/‖W‖``, the leakage ``‖ΔW X₀‖/‖W X₀‖`` on the preserved (run) and held-out
+    features, and for null-space methods the bound ``‖ΔW‖_F √λ_max(null) / ‖W X₀‖`` its threshold implies."""
+    facts = method.report()
+    changes = method.weight_changes()
+    rows = []
+    for path in facts or changes:
+        layer, feature = split_target(path)
+        row: dict[str, Any] = {"weight": path, "layer": layer, "feature": feature, **facts.get(path, {})}
+        if path in changes:
+            dW, W = (t.detach().to("cpu", torch.float64) for t in changes[path])
+            row["delta_rel"] = float(dW.norm() / W.norm()) if W.norm() > 0 else math.inf
+            if preserved and (layer, feature) in preserved:
+                stat = preserved[(layer, feature)]
+                row["leak_preserved"] = relative_leakage(dW, W, stat)
+                if "lambda_max_null" in row:
+                    denom = float(((W @ stat.moment()) * W).sum())
+                    row["leak_bound"] = math.sqrt(float(dW.square().sum()) * row["lambda_max_null"] / denom) if denom > 0 else math.inf
+            if heldout and (layer, feature) in heldout:
+                row["leak_heldout"] = relative_leakage(dW, W, heldout[(layer, feature)])
+        rows.append(row)
+    return rows
+
+
+def build_report(cfg: Config, method: Method, stats_run: Path | None, heldout: dict | None, losses: list[float],
+                 info: dict[str, Any], seconds: float) -> dict[str, Any]:
+    preserved = load_summed_statistics(stats_run) if stats_run else None
+    rows = leakage_rows(method, preserved, heldout)
+    warnings_ = []
+    for row in rows:
+        if row.get("null_dim") == 0:
+            spectrum = [(row["lambda_min"], row["lambda_max"])] if "lambda_max" in row else []
+            warnings_.append(f"{row['weight']}: the null space is empty ({cfg.nullbooth.nullspace_mode} threshold "
+                             f"{cfg.nullbooth.nullspace_threshold:g}): nothing was learned there; "
+                             f"{empty_fix(cfg.nullbooth.nullspace_mode, spectrum)}")
+    for w in warnings_:
+        log.warning(w)
+
+    def summary(key: str) -> float | None:
+        values = [r[key] for r in rows if key in r and r.get("trained", True)]
+        return max(values) if values else None
+
+    return {
+        **info, "format": "nullbooth-train-report", "steps": len(losses), "seconds": seconds,
+        "heldout_prompts": cfg.heldout_prompts,
+        "summary": {"max_leak_preserved": summary("leak_preserved"), "max_leak_heldout": summary("leak_heldout"),
+                    "max_leak_bound": summary("leak_bound"), "final_loss": losses[-1] if losses else None,
+                    "trained_weights": sum(1 for r in rows if r.get("trained", True)), "weights": len(rows)},
+        "weights": rows, "losses": losses, "warnings": warnings_,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table (what ``nullbooth train`` prints)."""
+    def num(v: Any, fmt: str = ".3g") -> str:
+        return "-" if v is None else format(v, fmt) if isinstance(v, float) else str(v)
+
+    head = ["weight", "dim", "null", "|dW|/|W|", "leak prior", "bound", "leak held-out"]
+    body = [[r["weight"].replace("transformer_blocks.", "tb.").replace("attentions.", "a."), num(r.get("dim")),
+             num(r.get("null_dim")), num(r.get("delta_rel")), num(r.get("leak_preserved")), num(r.get("leak_bound")),
+             num(r.get("leak_heldout"))] for r in report["weights"]]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [head, *body]]
+    s = report["summary"]
+    losses = report["losses"]
+    curve = ", ".join(f"{x:.4f}" for x in losses[:: max(1, len(losses) // 10)])
+    lines += [f"method {report['method']}: {report['steps']} steps in {report['seconds']:.1f} s, final loss "
+              f"{num(s['final_loss'], '.4f')}; max leakage on prior features {num(s['max_leak_preserved'])}, on held-out "
+              f"prompts {num(s['max_leak_heldout'])}", f"loss curve: {curve}"]
+    return "\n".join(lines)
+
+
+def write_report_html(output_dir: Path, report: dict[str, Any]) -> Path:
+    """``train_report.html``: the report in the run-report style — loss curve, leakage per weight, validation images."""
+    leakage = [{"layer": r["layer"], "weight": f"{r['feature']} ({where})", "leakage": r[key]}
+               for r in report["weights"]
+               for key, where in (("leak_preserved", "preserved"), ("leak_heldout", "held-out"))
+               if r.get(key) is not None]
+    images = [(f"validation, {p.stem}", Image.open(p)) for p in sorted((output_dir / "validation").glob("step-*.png"))]
+    page = {"title": f"{report['method']} training report", "loss": report["losses"], "leakage": leakage,
+            **{k: v for k, v in report.items() if k not in ("losses", "weights", "format")},
+            "weights": report["weights"]}
+    return render_training_report(page, output_dir / TRAIN_REPORT_HTML, images)
+
+
+def nan_message(cfg: Config, step: int, output_dir: Path) -> str:
+    last = latest_checkpoint(output_dir)
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return (f"the training loss became NaN/Inf at step {step}; stopped without applying that step ({keep}); "
+            f"lower learning_rate (now {cfg.learning_rate or 'the method default'}), use mixed_precision 'no' or "
+            "'bf16', then resume with resume_from_checkpoint: latest")

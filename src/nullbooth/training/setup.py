@@ -1,0 +1,135 @@
+"""Everything the training loop needs, built in the one order that keeps runs reproducible.
+
+The order matters: the configuration and the checkpoint to resume are checked before anything is
+loaded; the statistics run, the held-out features and the class images are taken from the *base*
+model, before ``method.prepare`` changes it; the frozen VAE and text encoder turn the images and
+prompts into ``q(z | x)`` and encodings once; and the loop's one random generator is seeded last
+(``seed · 1000 + rank``), so nothing in the set-up draws from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from torch import nn
+
+from nullbooth.config import Config, check_training
+from nullbooth.dataset import Example, load_examples
+from nullbooth.methods.base import Method, ParamGroups
+from nullbooth.methods.registry import make_method
+from nullbooth.models import load_pipeline
+from nullbooth.stats.capture import cross_attention_layers
+from nullbooth.stats.moments import SecondMoment
+from nullbooth.training.checkpoint import find_checkpoint
+from nullbooth.training.prior import (
+    class_examples,
+    heldout_statistics,
+    latent_distributions,
+    prompt_inputs,
+    statistics_run,
+)
+
+
+@dataclass
+class Examples:
+    """An image set as the loop reads it, on the device: ``q(z | x)`` of every image and its prompt input."""
+
+    mean: torch.Tensor  # [N, 4, h, w]
+    std: torch.Tensor  # [N, 4, h, w]
+    text: torch.Tensor  # [N, 77] token ids (text encoder trained) or [N, 77, d] fixed encodings
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+
+@dataclass
+class Setup:
+    """What :func:`setup` hands the loop."""
+
+    accelerator: Accelerator
+    pipe: Any  # the diffusers pipeline on the device, its UNet changed by the method
+    method: Method
+    unet: nn.Module  # pipe.unet as accelerate prepared it
+    text_encoder: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    params: list[nn.Parameter]  # everything the optimizer steps: the gradient norm is clipped over these
+    noise_scheduler: DDPMScheduler
+    generator: torch.Generator  # every random draw of the loop (latent sample, noise, timestep); checkpointed
+    instance: Examples
+    classes: Examples | None  # prior-preservation examples (DreamBooth eq. 2); None without prior preservation
+    stats_run: Path | None
+    heldout: dict[tuple[str, str], SecondMoment] | None  # held-out features (main process, heldout_prompts)
+    resolution: int
+    resume_dir: Path | None
+
+
+def setup(cfg: Config, *, pipe=None, accelerator: Accelerator | None = None, progress: bool = True) -> Setup:
+    """Check ``cfg``, load what is not passed in, take the base model's statistics, prepare the method's
+    parameters, the data and the optimizer (see the module docstring for why in this order)."""
+    check_training(cfg)
+    accelerator = accelerator or make_accelerator(cfg)
+    resume_dir = find_checkpoint(Path(cfg.output_dir), cfg.resume_from_checkpoint)  # fail before loading anything
+    if pipe is None:
+        pipe = load_pipeline(cfg.pretrained_model_name_or_path, device=accelerator.device)
+    pipe.to(accelerator.device)
+    resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    method = make_method(cfg)
+    instance = load_examples(cfg.instance_data_dir, cfg.instance_prompt, resolution, "instance_data_dir")
+
+    # -- everything the base model must see before the method changes it
+    stats_run = statistics_run(cfg, pipe, accelerator, create=method.name == "nullbooth", progress=progress)
+    layers = cross_attention_layers(pipe.unet, cfg.nullbooth.cross_attention_layers)
+    heldout = heldout_statistics(cfg, pipe, layers) if cfg.heldout_prompts and accelerator.is_main_process else None
+    classes = class_examples(cfg, pipe, accelerator, stats_run, resolution, progress)
+
+    # -- the method's parameters, data on the device, optimizer
+    param_groups = method.prepare(pipe, stats_run)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    instance_data = encode_examples(method, pipe, instance)
+    class_data = encode_examples(method, pipe, classes) if classes else None
+    optimizer, lr_scheduler = make_optimizer(cfg, param_groups)
+    if method.trains_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(pipe.unet, pipe.text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        text_encoder = pipe.text_encoder
+    return Setup(
+        accelerator=accelerator, pipe=pipe, method=method, unet=unet, text_encoder=text_encoder,
+        optimizer=optimizer, lr_scheduler=lr_scheduler,
+        params=[p for group in optimizer.param_groups for p in group["params"]],
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        generator=torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index),
+        instance=instance_data, classes=class_data, stats_run=stats_run, heldout=heldout, resolution=resolution,
+        resume_dir=resume_dir,
+    )
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    # Without CUDA, accelerate only runs several processes (torchrun / accelerate launch) when told to use the CPU.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_cpu)
+
+
+def encode_examples(method: Method, pipe, examples: list[Example]) -> Examples:
+    """The VAE is frozen, so each image's ``q(z | x)`` is computed once; so is each prompt's encoding when
+    the text encoder is frozen too (the method says), otherwise the loop encodes the token ids."""
+    mean, std = latent_distributions(pipe.vae, examples)  # [N, 4, h, w] each
+    return Examples(mean, std, prompt_inputs(method, pipe, [e.prompt for e in examples]))
+
+
+def make_optimizer(cfg: Config, param_groups: ParamGroups) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the method's parameter groups and the learning-rate schedule over ``max_train_steps``."""
+    optimizer = torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    return optimizer, lr_scheduler
