@@ -23,10 +23,11 @@ from conftest import write_prompts
 
 from nullbooth.config import config_from_dict
 from nullbooth.errors import NullBoothError
+from nullbooth.filenames import COLLECT_CHECKPOINT
 from nullbooth.runs.collect import collect
 from nullbooth.runs.distributed import setup
 from nullbooth.runs.layout import RunData, load_statistics, read_manifest
-from nullbooth.runs.shards import CHECKPOINT, assign_shards
+from nullbooth.runs.shards import assign_shards
 
 REL = 1e-12
 PROMPTS = [f"a {c} {s} on a plain background" for c, s in
@@ -136,7 +137,7 @@ def test_killed_worker_resumes_per_shard(tmp_path, reference, tiny_pipe, caplog)
     slow.write_text("import sys, time\nfrom nullbooth.config import load_config\nfrom nullbooth.runs.collect import collect\n"
                     "collect(load_config(sys.argv[1]), progress=False, on_batch=lambda acc, i: time.sleep(0.6))\n")
     proc = _torchrun([str(slow), str(config)])
-    rank1 = CHECKPOINT.parent / "checkpoint.rank1.safetensors"
+    rank1 = COLLECT_CHECKPOINT.parent / "checkpoint.rank1.safetensors"
     deadline, victim, found = time.time() + 240, None, []
     while time.time() < deadline and victim is None and proc.poll() is None:
         found = list((tmp_path / "killed").glob(f"run_*/{rank1}"))

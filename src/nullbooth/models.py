@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import BUNDLED_MODELS as _BUNDLED_DIR
+from nullbooth.filenames import BUNDLED_MODELS
 
 CLIP_VOCAB_SIZE = 49408
 
@@ -187,7 +187,7 @@ def cache_dir() -> Path:
 
 def materialize_builtin(name: str) -> Path:
     """Write built-in model ``name`` to a diffusers folder (once) and return the folder."""
-    shipped = _BUNDLED_DIR / name
+    shipped = BUNDLED_MODELS / name
     if (shipped / "model_index.json").is_file():
         return shipped
     arch = BUILTIN_MODELS[name]

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import ATTENTION_INDEX, RUN_REPORT, VISUALIZATIONS_DIR
+from nullbooth.filenames import ATTENTION_INDEX, ATTENTION_MAPS_DIR, RUN_REPORT, VISUALIZATIONS_DIR
 from nullbooth.io import read_json, write_text
 from nullbooth.report.attention import render_attention_maps
 from nullbooth.report.covariance import SUMMARIES_DIR, plot_covariance_summaries
 from nullbooth.report.html import html_figure, html_page, html_table
-from nullbooth.runs.attention import MAPS_DIR, AttentionMaps
+from nullbooth.runs.attention import AttentionMaps
 from nullbooth.runs.diagnostics import inspect_run
 from nullbooth.runs.layout import read_manifest, timestep_dirname
 
@@ -85,7 +85,7 @@ def _attention(vis: Path, out_dir: Path, max_timesteps: int | None) -> list[str]
     if not timesteps:
         return []
     shown = _evenly(timesteps, max_timesteps)
-    index_path = vis / MAPS_DIR / ATTENTION_INDEX
+    index_path = vis / ATTENTION_MAPS_DIR / ATTENTION_INDEX
     prompts = read_json(index_path, "an attention-map index")["prompts"] if index_path.is_file() else {}
     intro = ("<p class='muted'>Cross-attention of each prompt token over the generated image, heads averaged, "
              "conditional branch, recorded from the attention the layer applied. Prompts: "
@@ -102,7 +102,7 @@ def _attention(vis: Path, out_dir: Path, max_timesteps: int | None) -> list[str]
 def _other_pictures(vis: Path) -> list[str]:
     """Anything else a user or another tool put under visualizations/ (not the run's own pictures)."""
     others = [p for p in sorted(vis.rglob("*.png"))
-              if p.relative_to(vis).parts[0] not in (SUMMARIES_DIR, MAPS_DIR)
+              if p.relative_to(vis).parts[0] not in (SUMMARIES_DIR, ATTENTION_MAPS_DIR)
               and not p.relative_to(vis).parts[0].startswith("timestep_")]
     if not others:
         return []
@@ -132,7 +132,7 @@ def visualize_run(run_dir: Path, out_dir: Path | None = None, *, attention_maps:
     vis = run_dir / VISUALIZATIONS_DIR
     out_dir = Path(out_dir) if out_dir is not None else vis
 
-    raw = vis / MAPS_DIR
+    raw = vis / ATTENTION_MAPS_DIR
     if attention_maps and not (raw / ATTENTION_INDEX).is_file():
         raise NullBoothError(f"{run_dir} has no saved attention maps ({raw}); collect with "
                              "nullbooth.visual_attention_map: true to record them")

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 # Processors that compute exactly softmax(QKᵀ·s)V with the layer's own to_q/to_k/to_v/to_out (only the kernel
 # differs); swapping any of them for the classic computation changes the output by round-off only.
 EQUIVALENT_PROCESSORS = frozenset({"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU"})
-MAPS_DIR = ATTENTION_MAPS_DIR
 PADDING = "[padding]"
 
 # sink(layer name, probabilities [rows, N pixels, T tokens] float32, (h, w) when the layer saw a 4-D input)
@@ -307,6 +306,6 @@ class AttentionRecorder:
     def finish(self, run_dir: Path) -> None:
         """Store the raw maps under ``visualizations/attention_maps`` (pictures: :mod:`nullbooth.report.attention`)."""
         if self.recorded.maps:
-            self.recorded.save(Path(run_dir) / VISUALIZATIONS_DIR / MAPS_DIR)
+            self.recorded.save(Path(run_dir) / VISUALIZATIONS_DIR / ATTENTION_MAPS_DIR)
         elif self.n_prompts:
             log.info("no attention maps were recorded (the prompts' batches ran before a resume)")

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
+from nullbooth.filenames import COLLECT_CHECKPOINT
 from nullbooth.io import write_json
 from nullbooth.models import load_pipeline
 from nullbooth.prompts import read_prompt_file, warn_truncated
@@ -41,7 +42,6 @@ from nullbooth.runs.distributed import Dist, setup
 from nullbooth.runs.layout import MANIFEST, RunData, iter_runs, new_run_dir, read_manifest
 from nullbooth.runs.plan import Plan, make_plan, make_scheduler, sampler_timesteps
 from nullbooth.runs.shards import (
-    CHECKPOINT,
     ShardProgress,
     assign_shards,
     read_checkpoints,
@@ -202,7 +202,7 @@ def run_plan(cfg: Config, pipe, plan: Plan, *, dist: Dist | None = None, fresh: 
         for observer in observers:
             observer.finish(run_dir)
     dist.barrier()  # nobody returns (or deletes its checkpoint) before rank 0 has written the complete run
-    shutil.rmtree(run_dir / CHECKPOINT.parent, ignore_errors=True)
+    shutil.rmtree(run_dir / COLLECT_CHECKPOINT.parent, ignore_errors=True)
     return run_dir
 
 
@@ -229,7 +229,7 @@ def _decide(cfg: Config, plan: Plan, timesteps: Sequence[int], world_size: int, 
         write_json(run_dir / MANIFEST, run_manifest(replace(plan, n_shards=n_shards), cfg, timesteps, "collecting",
                                                     run_dir=run_dir, base=base))
         assignment, _ = assign_shards({}, n_shards, world_size, plan.job_key, batch_size)
-    (run_dir / CHECKPOINT.parent).mkdir(exist_ok=True)
+    (run_dir / COLLECT_CHECKPOINT.parent).mkdir(exist_ok=True)
     return {"action": "run", "run": str(run_dir), "n_shards": n_shards, "batch_size": batch_size,
             "assignment": assignment}
 

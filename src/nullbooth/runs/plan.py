@@ -15,6 +15,7 @@ from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.runs.identity import identity_key, model_fingerprint, normalize_segments, prompts_identity
 from nullbooth.runs.layout import RunData
+from nullbooth.sampling import default_size
 from nullbooth.stats.capture import CrossAttentionLayer, cross_attention_layers
 
 
@@ -66,7 +67,7 @@ def make_plan(cfg: Config, pipe, prompts: list[str], *, prompt_offset: int = 0, 
     if prompt_offset < 0:
         raise NullBoothError(f"prompt offset: expected an index ≥ 0, got {prompt_offset}")
     layers = cross_attention_layers(pipe.unet, nb.cross_attention_layers)
-    size = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = cfg.resolution or default_size(pipe)
     features = nb.collect_features.selected()
     fingerprint = model_fingerprint(pipe)
     parts = list(base.segment_parts()) if base is not None else []

@@ -28,8 +28,6 @@ from nullbooth.runs.plan import Plan
 from nullbooth.stats.capture import CrossAttentionLayer
 from nullbooth.stats.moments import SecondMoment
 
-CHECKPOINT = COLLECT_CHECKPOINT
-
 
 @dataclass
 class ShardProgress:
@@ -53,7 +51,7 @@ class ShardProgress:
 
     def checkpoint_name(self) -> Path:
         """This process's checkpoint file, relative to the run directory (named after its lowest shard)."""
-        return CHECKPOINT if self.n_shards == 1 else CHECKPOINT.parent / f"checkpoint.rank{min(self.done)}.safetensors"
+        return COLLECT_CHECKPOINT if self.n_shards == 1 else COLLECT_CHECKPOINT.parent / f"checkpoint.rank{min(self.done)}.safetensors"
 
 
 def statistics_device(layers: Sequence[CrossAttentionLayer]) -> torch.device:
@@ -106,7 +104,7 @@ def read_checkpoints(run_dir: Path) -> dict[str, dict[str, str]]:
     from safetensors import safe_open
 
     out = {}
-    for path in sorted((run_dir / CHECKPOINT.parent).glob("checkpoint*.safetensors")):
+    for path in sorted((run_dir / COLLECT_CHECKPOINT.parent).glob("checkpoint*.safetensors")):
         try:
             with safe_open(str(path), "pt") as fh:
                 out[str(path.relative_to(run_dir))] = fh.metadata() or {}

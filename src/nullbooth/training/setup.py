@@ -25,6 +25,7 @@ from nullbooth.dataset import Example, load_examples
 from nullbooth.methods.base import Method, ParamGroups
 from nullbooth.methods.registry import make_method
 from nullbooth.models import load_pipeline
+from nullbooth.sampling import default_size
 from nullbooth.stats.capture import cross_attention_layers
 from nullbooth.stats.moments import SecondMoment
 from nullbooth.training.checkpoint import find_checkpoint
@@ -80,7 +81,7 @@ def setup(cfg: Config, *, pipe=None, accelerator: Accelerator | None = None, pro
     if pipe is None:
         pipe = load_pipeline(cfg.pretrained_model_name_or_path, device=accelerator.device)
     pipe.to(accelerator.device)
-    resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = cfg.resolution or default_size(pipe)
     method = make_method(cfg)
     instance = load_examples(cfg.instance_data_dir, cfg.instance_prompt, resolution, "instance_data_dir")
 

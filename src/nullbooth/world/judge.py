@@ -28,9 +28,7 @@ from PIL import Image
 
 from nullbooth import __version__
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import JUDGE_CONFIG as CONFIG_FILE
-from nullbooth.filenames import JUDGE_DIR
-from nullbooth.filenames import JUDGE_WEIGHTS as WEIGHTS_FILE
+from nullbooth.filenames import JUDGE_CONFIG, JUDGE_DIR, JUDGE_WEIGHTS
 from nullbooth.world.scenes import (
     ATTRIBUTE_NAMES,
     ATTRIBUTE_VALUES,
@@ -161,8 +159,8 @@ class Judge:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in self.net.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "nullbooth-judge"})
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config.__dict__, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(folder / JUDGE_WEIGHTS), metadata={"format": "nullbooth-judge"})
+        (folder / JUDGE_CONFIG).write_text(json.dumps(self.config.__dict__, indent=2) + "\n", encoding="utf-8")
         return folder
 
     @classmethod
@@ -170,10 +168,10 @@ class Judge:
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        cfg_path, w_path = folder / JUDGE_CONFIG, folder / JUDGE_WEIGHTS
         if not cfg_path.is_file() or not w_path.is_file():
             raise NullBoothError(
-                f"expected a judge folder with {CONFIG_FILE} and {WEIGHTS_FILE} at {folder}, found "
+                f"expected a judge folder with {JUDGE_CONFIG} and {JUDGE_WEIGHTS} at {folder}, found "
                 f"{sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'no folder'}; "
                 "train one with: python scripts/train_judge.py"
             )
@@ -409,6 +407,6 @@ def load_feature_extractor(spec: str | Path | None = None) -> FeatureExtractor:
     if spec is None or str(spec) == "judge":
         return load_judge()
     path = Path(spec)
-    if (path / CONFIG_FILE).is_file():
+    if (path / JUDGE_CONFIG).is_file():
         return load_judge(path)
     return HFVisionFeatures(path)

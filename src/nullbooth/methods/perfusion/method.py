@@ -48,6 +48,7 @@ from nullbooth.methods.perfusion.editor import DEFAULT_EMBEDDING_LR, DEFAULT_VAL
 from nullbooth.methods.perfusion.files import CONCEPT_FORMAT
 from nullbooth.methods.perfusion.loss import loss_fn_weighted_by_mask
 from nullbooth.prompts import read_prompt_file
+from nullbooth.sampling import default_size
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class Perfusion(Method):
         """Read masks and ``C``, then attach the editor (validates everything before it mutates the pipeline)."""
         self.pipe, self.stats_run = pipe, stats_run
         b, cfg = self.block, self.cfg
-        resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        resolution = cfg.resolution or default_size(pipe)
         if b.mask_dir is not None:
             self.masks = load_masks(cfg.instance_data_dir, b.mask_dir, resolution, resolution // pipe.vae_scale_factor)
         C, self.covariance = resolve_covariance(pipe, b)
