@@ -15,8 +15,10 @@ same prompts and seeds (:mod:`nullbooth.eval.evaluate`):
   subject? ``class_striped`` is how often a plain ``star`` prompt is judged striped.
 
 Methods: ``dreambooth`` (the same cross-attention weights, unconstrained), ``dreambooth`` + prior
-preservation, ``lora``, ``nullbooth`` at several null-space thresholds (one shared collection run) and
-``perfusion``.
+preservation, ``lora``, ``nullbooth`` at several null-space thresholds (one shared collection run), ``nullbooth``
+with a certified leakage budget ε on the whole input space and with the soft penalty γ instead, and
+``perfusion``. ``leak prior`` is the largest trained weight's ``‖ΔW X₀‖/‖W X₀‖`` on the collected prior
+features (exact, float64): for the ε rows it is certified ≤ ε.
 
     python benchmarks/bench_preservation.py             # the committed results (≈ 13 min on one CPU thread)
     python benchmarks/bench_preservation.py --quick --out /tmp/b   # a CI-sized slice (a minute or two)
@@ -65,6 +67,15 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     for mode, threshold in args.nullbooth:
         out.append(Variant(f"nullbooth {mode} {threshold:g}", "nullbooth", {
             "learning_rate": args.lr, "nullbooth": {"nullspace_mode": mode, "nullspace_threshold": threshold}}))
+    # The certified budget on the whole input space (rank 0: no direction reserved): ε alone decides what may move.
+    for epsilon in args.budget:
+        out.append(Variant(f"nullbooth ε {epsilon:g}", "nullbooth", {
+            "learning_rate": args.lr, "nullbooth": {"nullspace_mode": "rank", "nullspace_threshold": 0,
+                                                    "leakage_budget": epsilon}}))
+    for gamma in args.penalty:
+        out.append(Variant(f"nullbooth γ {gamma:g}", "nullbooth", {
+            "learning_rate": args.lr, "nullbooth": {"nullspace_mode": "rank", "nullspace_threshold": 0,
+                                                    "leakage_penalty": gamma}}))
     out.append(Variant("perfusion", "perfusion", {}))
     return out
 
@@ -273,13 +284,14 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{result['instances']} instance images; {result['prompts']['eval']} preservation prompts, "
              f"{result['prompts']['class']} class prompts, {result['prompts']['subject']} subject prompts, × "
              f"{result['seeds']} seeds, {result['sample_steps']} sampling steps, guidance {result['guidance']}.", "",
-             "| method | " + " | ".join(h for _, h in COLUMNS) + " | null dims | train s |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+             "| method | " + " | ".join(h for _, h in COLUMNS) + " | leak prior | null dims | train s |",
+             "|---" * (len(COLUMNS) + 4) + "|"]
     for r in result["rows"]:
         nd = r.get("null_dims") or {}
         dims = f"{nd['total']}/{nd['of']}" if nd else ""
+        leak = r.get("max_leak_preserved")
         lines.append(f"| {r['label']} | " + " | ".join(f"{r[k]:.3f}" for k, _ in COLUMNS)
-                     + f" | {dims} | {r['seconds']:.0f} |")
+                     + f" | {'' if leak is None else format(leak, '.3g')} | {dims} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +306,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.scatter(r["subject_fidelity"], r["prior_agreement"], marker=marker, s=70)
         ax.annotate(r["label"], (r["subject_fidelity"], r["prior_agreement"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
+    # One curve per family of settings: thresholds, budgets ε, penalties γ.
+    for prefix, style in (("nullbooth relative", ":"), ("nullbooth ε", "-"), ("nullbooth γ", "--")):
+        curve = [r for r in result["rows"] if r["label"].startswith(prefix)]
+        if len(curve) > 1:
+            curve.sort(key=lambda r: r["subject_fidelity"])
+            ax.plot([r["subject_fidelity"] for r in curve], [r["prior_agreement"] for r in curve], style,
+                    color="grey", lw=1, label=prefix)
+    ax.legend(fontsize=7, loc="lower left")
     ax.set_xlabel("subject fidelity (judge-embedding cosine to the instance images)")
     ax.set_ylabel("preservation (same-seed attribute agreement)")
     ax.set_title(f"{result['model']}: {result['steps']} steps per method")
@@ -313,6 +333,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-lr", type=float, default=5e-3)
     p.add_argument("--nullbooth", type=lambda s: (s.split(":")[0], float(s.split(":")[1])), action="append",
                    help="MODE:THRESHOLD, repeatable (default relative:1e-4, relative:1e-3, relative:1e-2)")
+    p.add_argument("--budget", type=float, nargs="*", default=[0.01, 0.03, 0.1, 0.3],
+                   help="leakage budgets ε (whole input space), one row each")
+    p.add_argument("--penalty", type=float, nargs="*", default=[1.0, 10.0, 100.0],
+                   help="soft-form penalties γ (whole input space), one row each")
     p.add_argument("--instances", type=int, default=5)
     p.add_argument("--prior", type=int, default=200, help="prompts collected for the null spaces / covariance")
     p.add_argument("--collect-steps", type=int, default=10)
@@ -332,6 +356,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.prior, args.collect_steps, args.class_images = 2, 8, 2, 2
         args.eval_prompts, args.class_prompts, args.subject_prompts, args.seeds, args.sample_steps = 6, 3, 2, 2, 2
+        args.budget, args.penalty = [0.1], []
     args.work = args.work or str(HERE.parent / "outputs" / ("bench_preservation_quick" if args.quick else "bench_preservation"))
     return args
 

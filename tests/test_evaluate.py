@@ -186,11 +186,13 @@ def test_preservation_benchmark_slice(tmp_path):
     result = json.loads((out / "preservation.json").read_text())
     labels = [r["label"] for r in result["rows"]]
     assert labels == ["base (no training)", "dreambooth", "dreambooth + prior", "lora", "nullbooth relative 0.001",
-                      "nullbooth relative 0.01", "perfusion"]
+                      "nullbooth relative 0.01", "nullbooth ε 0.1", "perfusion"]
     for row in result["rows"]:
         for key in ("subject_match", "prior_agreement", "prior_accuracy", "class_striped"):
             assert 0.0 <= row[key] <= 1.0, (row["label"], key)
-    nb = [r for r in result["rows"] if r["method"] == "nullbooth"]
+    budgeted = next(r for r in result["rows"] if r["label"] == "nullbooth ε 0.1")
+    assert budgeted["max_leak_preserved"] <= 0.1 * (1 + 1e-9)  # certified on the prior features
+    nb = [r for r in result["rows"] if r["label"].startswith("nullbooth relative")]
     # A looser threshold keeps more directions free: the null dimension grows with it.
     assert 0 < nb[0]["null_dims"]["total"] < nb[1]["null_dims"]["total"] <= nb[1]["null_dims"]["of"]
     md = (out / "preservation.md").read_text()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from nullbooth.sampling import prompt_seed_pairs, sample
+from nullbooth.errors import NullBoothError
+from nullbooth.sampling import prompt_seed_pairs, sample, scheduler_class
 
 PROMPTS = ["a red circle", "a blue star", "a green square"]
 KW = dict(steps=2, guidance=3.0, size=32, output_type="np")
@@ -35,3 +36,18 @@ def test_an_image_depends_only_on_its_own_seed(tiny_pipe):
 def test_one_seed_per_prompt_is_required(tiny_pipe):
     with pytest.raises(ValueError, match="one seed per prompt"):
         sample(tiny_pipe, PROMPTS, [0], **KW)
+
+
+@pytest.mark.parametrize("typed, first", [("DDIMSchedular", "DDIMScheduler"), ("ddim", "DDIMScheduler"),
+                                          ("euler", "EulerDiscreteScheduler"), ("UniPC", "UniPCMultistepScheduler")])
+def test_a_scheduler_name_typo_suggests_the_nearest(typed, first):
+    with pytest.raises(NullBoothError, match=f"got '{typed}'; did you mean {first} or") as err:
+        scheduler_class(typed)
+    assert "\n" not in str(err.value)
+
+
+def test_only_scheduler_classes_are_schedulers():
+    assert scheduler_class("DPMSolverMultistepScheduler").__name__ == "DPMSolverMultistepScheduler"
+    for name in ("SchedulerMixin", "StableDiffusionPipeline", "", "__class__"):
+        with pytest.raises(NullBoothError, match="expected a diffusers scheduler class name"):
+            scheduler_class(name)

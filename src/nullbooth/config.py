@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,19 +24,71 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from nullbooth.errors import NullBoothError
+from nullbooth.text import read_user_text
 
 NullspaceMode = Literal["absolute", "relative", "energy", "rank", "percentile"]
 MethodName = Literal["nullbooth", "dreambooth", "lora", "perfusion"]
 FEATURES = ("q", "k", "v", "out")
+INT_LIMIT = 2**63  # torch tensors, generators and step counters are signed 64-bit
+# Training derives generator seeds as ``seed * 1_000_003 + epoch`` (dataset) and ``seed * 1000 + rank`` (setup),
+# which torch's manual_seed takes in [-2**63, 2**64) only. Negative seeds stay allowed: a collection samples
+# prompt i with ``seed + i``, and extending a run with an offset prompt list can need a negative base.
+SEED_LIMIT = 2**32
+MAX_RESOLUTION = 4096
+MAX_STEPS = 1000  # diffusers schedulers train on 1000 timesteps and refuse more inference steps than that
+
+
+def _leaves(annotation: Any) -> set:
+    """The types a field annotation is built from: ``int | None`` → {int, NoneType}, ``list[int]`` → {list, int}."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*map(_leaves, typing.get_args(annotation)))
+    if origin is list:
+        return {list, *_leaves(typing.get_args(annotation)[0])}
+    return {origin or annotation}
+
+
+def _describe(annotation: Any) -> str:
+    """How a field reads to a user: ``seed`` is "a number", ``nullbooth`` is "a block"."""
+    leaves = _leaves(annotation) - {type(None)}
+    if any(isinstance(t, type) and issubclass(t, BaseModel) for t in leaves):
+        return "a block"
+    for kind, words in ((list, "a list"), (bool, "true/false"), (int, "a number"), (float, "a number"), (str, "text")):
+        if kind in leaves:
+            return words
+    return "a single value"
 
 
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1, so a YAML `yes`/`on` would silently become a step count or a seed.
+        leaves = _leaves(cls.model_fields[info.field_name].annotation)
+        values = v if isinstance(v, list) else [v]
+        if bool not in leaves and leaves & {int, float} and any(isinstance(x, bool) for x in values):
+            raise ValueError(f"expected a number, got {v!r} (YAML reads true/false/yes/no/on/off as true/false); "
+                             "write a number")
+        return v
+
+    @field_validator("*")
+    @classmethod
+    def _representable(cls, v: Any) -> Any:
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, int) and not -INT_LIMIT <= x < INT_LIMIT:
+                got = x if len(str(abs(x))) <= 30 else f"a number with {len(str(abs(x)))} digits"
+                raise ValueError(f"expected a whole number of magnitude below 2**63, got {got}")
+            if isinstance(x, str) and "\x00" in x:
+                raise ValueError(f"expected text without NUL characters, got {x[:60]!r}")
+        return v
 
 
 class CollectFeatures(_Block):
@@ -88,6 +142,11 @@ class NullBoothBlock(_Block):
         "float32", description="per-timestep matrices: float32 .npy (seed layout) | float16 .npy | eigh: top eigenpairs "
         "by energy + the exact null-space basis (safetensors); summed float64 statistics are never compressed")
     storage_energy: float = Field(0.9999, gt=0.0, le=1.0, description="storage 'eigh': fraction of Σλ the kept eigenpairs hold")
+    leakage_budget: float | None = Field(
+        None, gt=0.0, description="ε: after every optimizer step each protected weight keeps ‖ΔW X₀‖_F / ‖W X₀‖_F ≤ ε on the "
+        "collected prior statistics (exact projection onto that ellipsoid); None: the threshold alone")
+    leakage_penalty: float = Field(0.0, ge=0.0, description="γ: soft form, adds γ · Σ_W leakage(W)² to the loss "
+                                   "(no guarantee; combine with leakage_budget for one)")
 
     @field_validator("cross_attention_layers")
     @classmethod
@@ -111,22 +170,32 @@ class NullBoothBlock(_Block):
 
 
 class GenerateBlock(_Block):
-    """``nullbooth generate``: base model + a trained adapter, prompts × seeds → image grids."""
+    """``nullbooth generate``: the base model, alone or with a trained result, prompts × seeds → images and grids."""
 
-    adapter: str | None = Field(None, description="a training output_dir (ours or a diffusers LoRA folder); default: output_dir")
+    adapter: str | None = Field(None, description="a training output_dir (ours or a diffusers LoRA folder); default: "
+                                "output_dir when it holds a result, else the base model alone")
     prompts: list[str] = Field(default_factory=list)
     prompts_file: str | None = Field(None, description="one prompt per line (added after `prompts`)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
-    num_inference_steps: int = Field(25, ge=1)
+    num_inference_steps: int = Field(25, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(7.5, ge=0.0, description="≤ 1 turns classifier-free guidance off")
     out_dir: str | None = Field(None, description="default: <adapter>/samples")
     compare_base: bool = Field(False, description="also sample the base model and write both side by side")
+    batch_size: int = Field(8, ge=1, description="images per pipeline call, prompts × seeds flattened (an image "
+                            "depends only on its prompt and seed, up to float round-off)")
+    num_images_per_prompt: int | None = Field(None, ge=1, le=10_000, description="K images per prompt with seeds "
+                                              "seed, seed+1, …, seed+K-1 (instead of seeds)")
+    scheduler: str | None = Field(None, description="a diffusers scheduler class name, e.g. "
+                                  "DPMSolverMultistepScheduler; default: the model's own")
 
     @field_validator("seeds")
     @classmethod
     def _some_seed(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("expected at least one seed")
+        bad = [s for s in v if not 0 <= s < INT_LIMIT]
+        if bad:
+            raise ValueError(f"expected generator seeds in [0, 2**63) (torch.Generator.manual_seed), got {bad[:3]}")
         return v
 
 
@@ -182,15 +251,19 @@ class Config(_Block):
     # -- model and run
     pretrained_model_name_or_path: str = "tiny-sd"
     revision: str | None = None
-    seed: int = 0
+    seed: int = Field(0, description="prompt i of a collection is sampled with seed + i; training derives its own")
     resolution: int | None = Field(None, ge=8, description="image size; default: the model's native size")
     output_dir: str = "./outputs"
+    overwrite: bool = Field(False, description="train into an output_dir that already holds a finished result, "
+                            "deleting its result and checkpoints first")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # -- what is trained
     method: MethodName = Field("nullbooth", description="nullbooth | dreambooth (unconstrained baseline) | lora | perfusion")
     nullbooth_update: Literal["adapter", "projected"] = Field(
         "adapter", description="adapter: ΔW = M Uᵀ (exact); projected: full weights, W ← W_old + (W_new − W_old) P")
     lora_rank: int = Field(4, ge=1)
+    lora_format: Literal["diffusers", "kohya"] = Field(
+        "diffusers", description="kohya: also write pytorch_lora_weights_kohya.safetensors (A1111 / ComfyUI key names)")
     # -- data (diffusers train_dreambooth.py names)
     instance_data_dir: str | None = None
     instance_prompt: str | None = None
@@ -199,7 +272,7 @@ class Config(_Block):
     with_prior_preservation: bool = False
     prior_loss_weight: float = Field(1.0, ge=0.0)
     num_class_images: int = Field(100, ge=1)
-    class_generation_steps: int = Field(50, ge=1, description="sampling steps when class images are generated")
+    class_generation_steps: int = Field(50, ge=1, le=MAX_STEPS, description="sampling steps when class images are generated")
     sample_batch_size: int = Field(4, ge=1, description="batch size when generating class images")
     # -- optimisation
     train_batch_size: int = Field(1, ge=1)
@@ -222,18 +295,29 @@ class Config(_Block):
     num_validation_images: int = Field(2, ge=1)
     validation_steps: int = Field(100, ge=1)
     heldout_prompts: str | None = Field(None, description="prompt file: the report measures the leakage on their features")
-    heldout_steps: int = Field(2, ge=1, description="sampling steps recorded for the held-out features")
+    heldout_steps: int = Field(2, ge=1, le=MAX_STEPS, description="sampling steps recorded for the held-out features")
     # -- blocks
     nullbooth: NullBoothBlock = NullBoothBlock()
     # method: perfusion (nullbooth.methods.perfusion.method); generate reads its gate and concept keys.
     perfusion: PerfusionBlock = PerfusionBlock()
     generate: GenerateBlock = GenerateBlock()
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not -SEED_LIMIT < v < SEED_LIMIT:
+            raise ValueError(f"expected a seed in (-2**32, 2**32), got {v}; training derives generator seeds from it "
+                             "(seed × 1000003 + epoch) that must stay within torch's 64-bit range")
+        return v
+
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
         if v is not None and v % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {v}")
+        if v is not None and v > MAX_RESOLUTION:
+            raise ValueError(f"expected an image size of at most {MAX_RESOLUTION} (SD 1.x: 512, SD 2.x: 768, SDXL: "
+                             f"1024), got {v}; one {v}×{v} image needs tens of GB — pick the model's native size")
         return v
 
 
@@ -268,6 +352,9 @@ def training_problems(cfg: Config) -> list[str]:
         if nb.stats_run is None and nb.original_knowledge_prompts is None:
             problems.append("nullbooth.original_knowledge_prompts: method 'nullbooth' needs a statistics run; give the "
                             "prior prompts file (the run is collected or reused) or nullbooth.stats_run")
+    if cfg.lora_format == "kohya" and cfg.method == "perfusion":
+        problems.append("lora_format: 'kohya' exports a LoRA, and Perfusion's gated rank-1 edits are not one; "
+                        "use lora_format: diffusers with method perfusion")
     if cfg.lr_warmup_steps > cfg.max_train_steps:
         problems.append(f"lr_warmup_steps: {cfg.lr_warmup_steps} exceeds max_train_steps {cfg.max_train_steps}")
     return problems
@@ -295,15 +382,29 @@ def _known_keys(loc: tuple) -> list[str]:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = ".".join(map(_name, e["loc"])) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "finite_number":
+            msg = "expected a finite number, not NaN or infinity; write a number"
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(e["loc"]), n=1)
-            msg = "unknown key" + (f"; did you mean {'.'.join([*map(str, e['loc'][:-1]), close[0]])}?" if close else "")
+            msg = "unknown key" + (f"; did you mean {'.'.join([*map(_name, e['loc'][:-1]), close[0]])}?" if close else "")
         got = e.get("input")
-        got_txt = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-        lines.append(f"{where}: {msg}{got_txt}")
+        said = "got " in msg  # our own validators already name the value
+        got_txt = "" if isinstance(got, dict) or got is None or said else f" (got {_short(got)})"
+        lines.append(f"{where}: {msg}{got_txt}".replace("\n", " "))
     return f"{source}: {len(lines)} problem(s): " + "; ".join(lines)
+
+
+def _name(part: Any) -> str:
+    """A key as the one-line message shows it: quoted when empty, long or holding control characters."""
+    text = str(part)
+    return text if text and text.isprintable() and len(text) <= 60 else _short(part, 60)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config", cls: type[Config] = Config) -> Config:
@@ -313,30 +414,132 @@ def config_from_dict(data: dict[str, Any], source: str = "config", cls: type[Con
         raise NullBoothError(_format_errors(err, source)) from None
 
 
-def set_dotted(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Apply ``{"nullbooth.num_denoising_steps": 25, …}`` to the nested mapping ``data`` in place (and return it)."""
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
+def _dotted_parts(dotted: str) -> list[str]:
+    parts = [part.strip() for part in str(dotted).split(".")]
+    if not all(parts) or not all(part.isprintable() for part in parts):
+        got = "an empty name" + (" between dots" if any(parts) else "") if not all(parts) else "control characters"
+        raise NullBoothError(f"config override {dotted!r}: expected a dotted key like nullbooth.num_denoising_steps, "
+                             f"got {got}; write KEY=VALUE")
+    return parts
+
+
+def _merge(node: dict[str, Any], leaf: str, value: Any) -> None:
+    """``node[leaf] = value``, except that a mapping merges into a mapping (other keys of the block stay)."""
+    old = node.get(leaf)
+    if isinstance(old, dict) and isinstance(value, dict):
+        for key, sub in value.items():
+            _merge(old, key, sub)
+    else:
         node[leaf] = value
+
+
+def set_dotted(data: dict[str, Any], overrides: Mapping[str, Any], cls: type[BaseModel] = Config) -> dict[str, Any]:
+    """Apply ``{"nullbooth.num_denoising_steps": 25, …}`` to the nested mapping ``data`` in place (and return it).
+
+    A key that walks into a value (``seed.x``) or a value given for a whole block (``nullbooth=3``) is an error
+    naming both; a mapping given for a block merges into it. Unknown keys are left for validation to report.
+    """
+    for dotted, value in overrides.items():
+        *parents, leaf = parts = _dotted_parts(dotted)
+        node, model = data, cls
+        for depth, key in enumerate(parents):
+            field = model.model_fields.get(key) if model else None
+            child = node.get(key, {})
+            kind = _describe(field.annotation) if field else None
+            what = kind if kind not in (None, "a block") else None if isinstance(child, dict) else _describe(type(child))
+            if what:
+                where = ".".join(parts[: depth + 1])
+                raise NullBoothError(f"config override {dotted}: {where} is {what}, not a block; set {where}=VALUE, "
+                                     "or a key inside a block, e.g. nullbooth.num_denoising_steps=25")
+            node, model = node.setdefault(key, child), field.annotation if field else None
+        field = model.model_fields.get(leaf) if model else None
+        if field and _describe(field.annotation) == "a block" and not isinstance(value, dict):
+            raise NullBoothError(f"config override {dotted}={_short(value)}: {dotted} is a block of settings, not a "
+                                 f"value; set one of its keys, e.g. {dotted}.{next(iter(field.annotation.model_fields))}"
+                                 "=VALUE")
+        _merge(node, leaf, value)
     return data
+
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses what would silently change a config or blow up on load.
+
+    Duplicate keys (YAML keeps the last one) are errors naming both lines. Aliases (``*name``) are refused
+    outright — not bounded — since a config has no use for them and a few of them nest into an exponential
+    "billion laughs" tree; nesting deeper than ``MAX_YAML_DEPTH`` is refused before it reaches recursion limits.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}) — aliases are not allowed in "
+                                              "a config; write the value out", event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels",
+                                              event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # unhashable: SafeConstructor reports it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {_short(key)} is given twice (lines {first.start_mark.line + 1} and "
+                        f"{key_node.start_mark.line + 1}); YAML would silently keep the last — delete one",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"character {chr(err.character)!r} at character offset {err.position} is not allowed in YAML; remove it"
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` as YAML through :class:`StrictLoader`; any problem is one ``NullBoothError`` naming ``source``."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 — a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise NullBoothError(f"{source} is not valid YAML — {_yaml_problem(err)}") from None
+    except (ValueError, OverflowError) as err:  # a tagged scalar SafeConstructor cannot build (!!timestamp 2001-13-45)
+        raise NullBoothError(f"{source} is not valid YAML — a value cannot be read ({err}); fix or quote it") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (UTF-8, at most 1 MiB); every problem is one ``NullBoothError``."""
+    p = Path(path)
+    text = read_user_text(p, "--config", "a YAML config file", MAX_CONFIG_BYTES)
+    loaded = parse_yaml(text, str(p))
+    if loaded is not None and not isinstance(loaded, dict):
+        raise NullBoothError(f"expected a mapping (KEY: VALUE lines) at the top of {p}, got {type(loaded).__name__}")
+    return loaded or {}
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, cls: type[Config] = Config) -> Config:
     """Read and validate a YAML config; ``overrides`` are dotted keys (``nullbooth.num_denoising_steps``)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise NullBoothError(f"expected a YAML config file at {p}, found nothing; pass --config PATH")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise NullBoothError(f"{p} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise NullBoothError(f"expected a mapping at the top of {p}, got {type(loaded).__name__}")
-        data = loaded or {}
-    set_dotted(data, overrides or {})
+    data = read_config_file(path) if path is not None else {}
+    set_dotted(data, overrides or {}, cls)
     return config_from_dict(data, str(path or "flags"), cls)

@@ -2,8 +2,8 @@
 
 Images are read with PIL only (no torchvision): every file in the folder is tried, files that are
 not images or cannot be decoded are skipped with one warning, and what remains is converted to
-RGB (grayscale, palette and alpha images included; transparency is composited over white),
-resized on its shorter side and center-cropped to ``resolution``.
+8-bit RGB by :func:`to_rgb` (grayscale, palette, CMYK, alpha and 16-bit / float images included;
+transparency is composited over white), resized on its shorter side and center-cropped to ``resolution``.
 
 The batch order is a pure function of ``(seed, micro-step, process rank)``: a seeded permutation
 per epoch, the processes taking interleaved slices of one global stream. A resumed run therefore
@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nullbooth.errors import NullBoothError
+from nullbooth.io import write_image
 from nullbooth.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,35 @@ class Example:
 # --------------------------------------------------------------------------- images
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _deep_to_l(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grayscale image as 8-bit ``L``, scaled by the range its values are stored in.
+
+    PIL's own ``convert`` clips these to 0..255, which turns every 16-bit pixel above 255 white. ``I;16*``
+    (16-bit PNG/TIFF) maps 0..65535 → 0..255; ``I`` does the same when its values fit 16 bits (older Pillow
+    opens 16-bit PNGs as ``I``); ``F`` maps 0..1 (or, when its values exceed 1, 0..255) → 0..255. Anything else
+    (32-bit integers, floats outside 0..255) is stretched from its own minimum to its maximum, with a warning.
+    """
+    a = np.nan_to_num(np.asarray(image, dtype=np.float64))  # [h, w]
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and lo >= 0 and hi <= 65535):
+        lo, hi = 0.0, 65535.0
+    elif image.mode == "F" and lo >= 0 and hi <= 255:
+        lo, hi = 0.0, 1.0 if hi <= 1 else 255.0
+    else:
+        log.warning("a %s image with values %g..%g has no standard range; stretched to 0..255", image.mode, lo, hi)
+    scaled = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as upright 8-bit RGB: EXIF rotation applied, deep (16-bit, float) values rescaled, not
+    clipped; alpha (``RGBA``, ``LA``, ``PA``, palette transparency) composited over white."""
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _deep_to_l(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         # Dropping alpha would leave whatever colour the transparent pixels happen to store (often black).
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
@@ -57,7 +82,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to ``resolution``, center-crop to a square, scale to ``[-1, 1]``: ``[3, r, r]``."""
-    image = _to_rgb(image)
+    image = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
@@ -69,7 +94,8 @@ def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 def read_image_folder(folder: str | Path, what: str, *, allow_empty: bool = False) -> list[tuple[Path, Image.Image]]:
-    """Every decodable image in ``folder`` (sorted by name); others are skipped with a warning.
+    """Every decodable image in ``folder`` (sorted by name) as 8-bit RGB (:func:`to_rgb`); others are skipped
+    with a warning.
 
     Raises when the folder is missing, or (unless ``allow_empty``) when no image remains.
     """
@@ -85,7 +111,7 @@ def read_image_folder(folder: str | Path, what: str, *, allow_empty: bool = Fals
         try:
             with Image.open(path) as im:
                 im.load()  # decode now: a truncated file fails here, not in the middle of training
-                images.append((path, im.copy()))
+                images.append((path, to_rgb(im)))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             skipped.append(f"{path.name} ({type(err).__name__})")
     if skipped:
@@ -140,9 +166,7 @@ def generate_class_images(pipe, prompt: str, folder: Path, count: int, *, start:
                         size=resolution, batch_size=None)
         for i, image in zip(ids, images):
             path = folder / f"class_{i:05d}.png"
-            tmp = path.with_name(f".{path.name}.tmp.png")
-            image.save(tmp)
-            tmp.replace(path)  # never leave a half-written image that a rerun would count
+            write_image(path, image)
             written.append(path)
         bar.update(len(ids))
     bar.close()

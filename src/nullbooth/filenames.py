@@ -29,6 +29,9 @@ ATTENTION_INDEX = "index.json"
 ATTENTION_TENSORS = "maps.safetensors"
 COVARIANCE_STATISTICS = "covariance_statistics.json"  # beside the pictures in covariance_summaries/
 
+# diffusers' own
+MODEL_INDEX = "model_index.json"  # marks a pipeline folder
+
 # a training output (nullbooth.training)
 ADAPTER_WEIGHTS = "nullbooth_adapter.safetensors"
 ADAPTER_CONFIG = "nullbooth_adapter_config.json"
@@ -39,14 +42,23 @@ PERFUSION_CONFIG = "perfusion_config.json"
 TRAIN_REPORT = "train_report.json"
 TRAIN_REPORT_HTML = "train_report.html"
 TRAIN_CONFIG = "train_config.json"
-CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-<step>/ holding the two files below
+MODEL_CARD = "README.md"  # the model card diffusers' training scripts write into an output folder
+LORA_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # lora_format: kohya (A1111 / ComfyUI keys)
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-<step>/ holding the files below
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_TENSORS = "state.safetensors"
+CHECKPOINT_RNG = "rng-{rank}.safetensors"  # one per process, inside checkpoint-<step>/
+FULL_UNET_DIR = "unet"  # dreambooth's whole fine-tuned UNet (diffusers' subfolder name)
+VALIDATION_DIR = "validation"  # validation grids, step-<step>.png
+GENERATE_IMAGES_DIR = "images"  # nullbooth generate: <out>/images/, one PNG per (prompt, seed)
 
 # an evaluation (nullbooth.eval)
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
 EVALUATION_SAMPLES = "samples.png"
+
+# a folder one nullbooth process writes at a time (nullbooth.locks): holds the holder's PID
+LOCK_FILE = ".nullbooth.lock"
 
 # the judge and the world model
 JUDGE_WEIGHTS = "judge.safetensors"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -21,8 +22,14 @@ import torch
 
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import BUNDLED_MODELS
+from nullbooth.stats.capture import is_cross_attention
 
 CLIP_VOCAB_SIZE = 49408
+# The pipeline families nullbooth personalises: Stable Diffusion 1.x and 2.x (one UNet2DConditionModel, one CLIP
+# text encoder). SDXL (two text encoders), SD3 and Flux (transformers instead of a UNet) are not supported yet.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# Weight files written by torch.save: loading one unpickles it, which can run any code the file carries.
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -216,34 +223,98 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _model_index(folder: Path) -> dict[str, Any]:
+    """``model_index.json`` of a local diffusers folder, refused when missing or unreadable."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise NullBoothError(
+            f"expected a diffusers model folder with model_index.json at {folder}, found none; point "
+            "pretrained_model_name_or_path at a folder written by save_pretrained, a hub id, or 'tiny-sd'"
+        )
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NullBoothError(f"{index} is not valid JSON ({err}); the model folder is corrupt — save it again with "
+                             "save_pretrained or download it again") from None
+    if not isinstance(data, dict):
+        raise NullBoothError(f"expected a JSON object in {index}, got {type(data).__name__}; the folder is corrupt")
+    return data
+
+
+def check_pickled_weights(where: Path, loader: str = "its diffusers/transformers class") -> None:
+    """Refuse a model (sub)folder whose weights exist only as ``torch.save`` pickles: nullbooth loads safetensors only."""
+    if not where.is_dir() or any(where.glob("*.safetensors")):
+        return
+    pickled = sorted(p for p in where.iterdir() if p.suffix in PICKLED_WEIGHTS)
+    if pickled:
+        raise NullBoothError(
+            f"refusing to load {pickled[0]}: it is a torch.save pickle, which can run arbitrary code when loaded, and "
+            "nullbooth loads only .safetensors weights; convert it once, in an environment you trust: "
+            f"{loader}.from_pretrained('{where}', use_safetensors=False).save_pretrained('{where}', "
+            "safe_serialization=True)"
+        )
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse, before loading, a local folder nullbooth cannot use: no readable ``model_index.json``, a pipeline
+    family other than SD 1.x/2.x, or components whose weights are pickles."""
+    index = _model_index(folder)
+    family = index.get("_class_name")
+    if family not in SUPPORTED_PIPELINES:
+        raise NullBoothError(
+            f"{folder} holds a {family or 'pipeline of unknown class'} (model_index.json); nullbooth supports Stable "
+            f"Diffusion 1.x / 2.x ({', '.join(SUPPORTED_PIPELINES)}) — SDXL, SD3 and Flux are not supported yet; "
+            "give an SD 1.x/2.x model, e.g. 'tiny-sd' or runwayml/stable-diffusion-v1-5"
+        )
+    for component, spec in index.items():
+        if not component.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[0] is not None:
+            check_pickled_weights(folder / component, str(spec[1]))
+
+
+def _check_loaded(pipe, path: str) -> None:
+    """A loaded pipeline must be SD 1.x/2.x with every part nullbooth uses and an attn2 cross-attention."""
+    family = type(pipe).__name__
+    if family not in SUPPORTED_PIPELINES:
+        raise NullBoothError(f"'{path}' loads as a {family}; nullbooth supports Stable Diffusion 1.x / 2.x "
+                             f"({', '.join(SUPPORTED_PIPELINES)}) — SDXL, SD3 and Flux are not supported yet")
+    for required in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
+        if getattr(pipe, required, None) is None:
+            raise NullBoothError(f"expected a text-to-image pipeline with a {required}, '{path}' has none")
+    if not any(is_cross_attention(m) for m in pipe.unet.modules()):
+        raise NullBoothError(
+            f"the UNet of '{path}' has no cross-attention (attn2) layers, so text cannot steer it and nullbooth has "
+            "nothing to personalise; give a text-conditioned Stable Diffusion 1.x / 2.x model"
+        )
+
+
 def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   **kwargs: Any):
-    """Load a ``StableDiffusionPipeline`` (or any text-to-image diffusers pipeline in the folder) for inference."""
+    """Load a Stable Diffusion 1.x / 2.x pipeline for inference, from safetensors weights only.
+
+    A local folder is checked first (:func:`check_model_folder`): corrupt or missing ``model_index.json``, another
+    pipeline family or pickled weights give one clear error instead of a traceback or an unpickling load.
+    """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
+    from safetensors import SafetensorError
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     path = resolve_model_path(name_or_path)
     local = Path(path)
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise NullBoothError(
-            f"expected a diffusers model folder with model_index.json at {path}, found none; "
-            "point pretrained_model_name_or_path at a folder written by save_pretrained, a hub id, or 'tiny-sd'"
-        )
+    if local.exists():
+        check_model_folder(local)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                 requires_safety_checker=False, **kwargs)
-    except (OSError, ValueError) as err:
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                                                 **{**kwargs, "use_safetensors": True})
+    except (OSError, ValueError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NullBoothError(
-            f"could not load a diffusers pipeline from '{path}': {first}; give a local diffusers folder, "
-            "a cached hub id (HF_HUB_OFFLINE=1 forbids downloads), or a built-in name "
+            f"could not load a diffusers pipeline from '{path}': {first}; give a local diffusers folder with "
+            "safetensors weights, a cached hub id (HF_HUB_OFFLINE=1 forbids downloads), or a built-in name "
             f"({', '.join(sorted(BUILTIN_MODELS))})"
         ) from None
-    for required in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        if getattr(pipe, required, None) is None:
-            raise NullBoothError(f"expected a text-to-image pipeline with a {required}, '{path}' has none")
+    _check_loaded(pipe, path)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

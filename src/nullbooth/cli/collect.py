@@ -78,7 +78,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--prompts", help="prompt file (nullbooth.original_knowledge_prompts)")
     p.add_argument("--output", help="nullbooth.cov_matrices_output_dir")
     p.add_argument("--steps", type=int, help="nullbooth.num_denoising_steps")
-    p.add_argument("--fresh", action="store_true", help="start a new run even if a matching one exists")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new run even if a matching (complete, partial or damaged) one exists; that one is "
+                        "left as it is")
     add_collect_arguments(p)
     p.set_defaults(func=cmd_collect)
 

@@ -12,11 +12,11 @@ from typing import Any
 from nullbooth.errors import NullBoothError
 
 
-def _value(text: str) -> Any:
+def _value(key: str, text: str) -> Any:
     """Flag override values are YAML scalars/lists: ``--set nullbooth.cross_attention_layers=[0,2]``."""
-    import yaml
+    from nullbooth.config import parse_yaml
 
-    return yaml.safe_load(text)
+    return parse_yaml(text, f"the value {text!r} of --set {key.strip()}")
 
 
 def overrides(args: argparse.Namespace, mapping: Mapping[str, str]) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def overrides(args: argparse.Namespace, mapping: Mapping[str, str]) -> dict[str,
         if "=" not in item:
             raise NullBoothError(f"--set expects KEY=VALUE (e.g. nullbooth.num_denoising_steps=25), got {item!r}")
         key, value = item.split("=", 1)
-        out[key] = _value(value)
+        out[key] = _value(key, value)
     return out
 
 
@@ -41,6 +41,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` or ``"0 1 2"`` → ``[0, 1, 2]`` (an argparse ``type``)."""
     try:
-        return [int(x) for x in text.replace(",", " ").split()]
+        seeds = [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}") from None
+    if not seeds or not all(0 <= s < 2**63 for s in seeds):  # torch.Generator.manual_seed's range
+        raise argparse.ArgumentTypeError(f"expected one or more seeds in [0, 2**63) like 0,1,2, got {text!r}")
+    return seeds

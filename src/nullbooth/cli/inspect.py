@@ -21,11 +21,11 @@ def _model_check(args: argparse.Namespace, run_dir: Path) -> None:
         from nullbooth.runs.diagnostics import check_model
 
         cfg = load_config(args.config, overrides(args, {"model": "pretrained_model_name_or_path"}))
-        check_model(run_dir, load_pipeline(cfg.pretrained_model_name_or_path))
+        check_model(run_dir, load_pipeline(cfg.pretrained_model_name_or_path), statistics=False)  # validate reports them
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from nullbooth.runs.diagnostics import format_table, inspect_matrix, inspect_run
+    from nullbooth.runs.diagnostics import format_table, inspect_matrix, inspect_run, null_space_advice
 
     target = Path(args.target)
     if target.suffix == ".npy":
@@ -41,13 +41,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows))
-    for row in rows:
-        name = f"{row.get('layer', row.get('matrix'))}/{row.get('feature', row.get('mode'))}"
-        if row["null_dim"] == 0:
-            log.warning("%s: the null space is empty — nothing can be learned there; raise the threshold or use "
-                        "nullspace_mode relative/energy", name)
-        elif row["null_dim"] == row["dim"]:
-            log.warning("%s: the null space is the whole space — nothing is protected; lower the threshold", name)
+    for advice in null_space_advice(rows):
+        log.warning("%s", advice)
     return 0
 
 

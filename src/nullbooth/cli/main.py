@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -10,20 +11,57 @@ import warnings
 
 # Quiet third-party import-time chatter (e.g. transformers' torchvision notice) before anything imports them.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# diffusers resets its root logger's level when first imported, after main() has set it.
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from nullbooth.cli import collect, evaluate, generate, inspect, train, visualize  # noqa: E402
 from nullbooth.errors import NullBoothError  # noqa: E402
 
 VERBS = (collect, inspect, train, generate, evaluate, visualize)
+# Verbs that keep their progress on disk: re-running the same command continues where it stopped.
+RESUMABLE = {"collect": "re-run the same command to resume from the last checkpoint (finished shards are kept)",
+             "train": "re-run the same command with --resume_from_checkpoint latest to resume from the last "
+                      "checkpoint (one is written every checkpointing_steps)"}
+_WRITES = {errno.ENOSPC, errno.EROFS, errno.EEXIST, errno.EDQUOT, errno.EFBIG}
+_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space or choose an output folder on another disk, then re-run",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another output folder, then re-run",
+    errno.EROFS: "the file system is read-only; choose an output folder on a writable disk",
+    errno.EACCES: "check its permissions, or choose a path you can write to",
+    errno.EPERM: "check its permissions, or choose a path you can write to",
+    errno.EEXIST: "something of that name is in the way; move it away or choose another path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+    errno.EISDIR: "expected a file there, found a folder; choose another path",
+    errno.ENOENT: "check that the path exists",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) and re-run",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as one line like every other error (its default prints the usage block first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nullbooth", description="Knowledge-preserving personalization of diffusion models.")
+    parser = OneLineParser(prog="nullbooth", description="Knowledge-preserving personalization of diffusion models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for module in VERBS:
         module.register_cli(sub)
     return parser
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for a file-system failure: which file, what the system said, and what to do about it."""
+    reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if err.filename is None:  # not about a file (a network error, say): what it said is all there is
+        return f"{type(err).__name__}: {reason}; {_HINTS.get(err.errno, 're-run with -v for the full traceback')}"
+    hint = _HINTS.get(err.errno, "check the path, its permissions and the free disk space")
+    action = "write" if err.errno in _WRITES else "read" if err.errno == errno.ENOENT else "access"
+    other = f" (→ {err.filename2})" if err.filename2 is not None else ""
+    return f"could not {action} {err.filename}{other}: {reason}; {hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"nullbooth {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system refused: a user-fixable condition, not a bug
+        if args.verbose:
+            raise
+        print(f"nullbooth {args.verb}: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"nullbooth {args.verb}: interrupted", file=sys.stderr)
+        resume = f"; {RESUMABLE[args.verb]}" if args.verb in RESUMABLE else ""
+        print(f"nullbooth {args.verb}: interrupted{resume}", file=sys.stderr)
         return 130
 
 

@@ -10,7 +10,8 @@ from nullbooth.cli.common import add_common, overrides
 TRAIN_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed", "method": "method",
                "instance_data_dir": "instance_data_dir", "instance_prompt": "instance_prompt",
                "class_prompt": "class_prompt", "output_dir": "output_dir", "max_train_steps": "max_train_steps",
-               "learning_rate": "learning_rate", "resume_from_checkpoint": "resume_from_checkpoint"}
+               "learning_rate": "learning_rate", "resume_from_checkpoint": "resume_from_checkpoint",
+               "overwrite": "overwrite"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -37,5 +38,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max_train_steps", type=int)
     p.add_argument("--learning_rate", type=float)
     p.add_argument("--resume_from_checkpoint", help="a checkpoint folder or 'latest'")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="output_dir holds an earlier run: delete its result and checkpoints, then train anew")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.set_defaults(func=cmd_train)

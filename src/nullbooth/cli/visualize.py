@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nullbooth.errors import NullBoothError
+
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     from nullbooth.report.run_report import visualize_run
 
+    if args.max_timesteps is not None and args.max_timesteps < 0:
+        raise NullBoothError(f"--max-timesteps: expected a number of timesteps ≥ 0 (0: no attention maps), got "
+                             f"{args.max_timesteps}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NullBoothError(f"--out: expected a folder for report.html and the plots, found a file at {args.out}; "
+                             "choose another folder")
     report = visualize_run(Path(args.run_dir), Path(args.out) if args.out else None,
                            attention_maps=args.attention_maps, max_attention_timesteps=args.max_timesteps)
     print(report)  # the CLI's output: where the report is

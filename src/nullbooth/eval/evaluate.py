@@ -19,7 +19,6 @@ method benchmark renders the base model once and scores many personalisations ag
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,11 +39,11 @@ from nullbooth.eval.metrics import (
     subject_fidelity,
 )
 from nullbooth.filenames import EVALUATION_JSON, EVALUATION_MD, EVALUATION_SAMPLES, TRAIN_CONFIG, WORLD_MODEL_MARKER
-from nullbooth.generate import load_personalization
-from nullbooth.io import read_json, write_json, write_text
+from nullbooth.generate import check_fits, check_output_dir, find_personalization, load_personalization
+from nullbooth.io import read_json, write_image, write_json, write_text
 from nullbooth.models import load_pipeline, resolve_model_path
 from nullbooth.report.grids import captioned_rows
-from nullbooth.sampling import prompt_seed_pairs, sample
+from nullbooth.sampling import check_sampling_args, check_size, check_steps, prompt_seed_pairs, sample
 from nullbooth.world.judge import (
     FeatureExtractor,
     Judge,
@@ -94,7 +93,7 @@ def architecture(folder: str | Path) -> dict[str, Any]:
     for sub, keys in (("unet", _UNET_KEYS), ("text_encoder", _TEXT_KEYS)):
         path = folder / sub / "config.json"
         if path.is_file():
-            cfg = json.loads(path.read_text(encoding="utf-8"))
+            cfg = read_json(path, f"a {sub} config")
             out.update({f"{sub}.{k}": cfg.get(k) for k in keys if k in cfg})
     return out
 
@@ -285,9 +284,15 @@ class EvalRequest:
 def evaluate(req: EvalRequest) -> dict[str, Any]:
     """Render base and personalised images, score them, write ``evaluation.json`` / ``.md`` (with ``output``)."""
 
+    s = req.sampling
+    check_sampling_args(seeds=s.seeds, steps=s.steps, guidance=s.guidance, size=s.resolution, batch=s.batch,
+                        who="evaluate")
     check_counts(len(req.prompts), len(req.sampling.seeds), req.k)
+    if req.output:
+        check_output_dir(Path(req.output), "evaluate: --output")
     pers_path = Path(req.personalized)
     kind = personalized_kind(pers_path)
+    found = find_personalization(pers_path) if kind == "output" else None
     extractor = load_feature_extractor(req.features)  # bad folders fail before any image is drawn
     use_attributes = is_world_model(req.base) if req.attributes is None else req.attributes
     judge = (extractor if isinstance(extractor, Judge) else load_judge()) if use_attributes else None
@@ -298,7 +303,11 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(req.base, device=device)
+    check_size(pipe, s.resolution, "evaluate: --resolution")
+    check_steps(pipe, s.steps, "evaluate: --steps")
     check_comparable(pipe_architecture(pipe), req.base, pers_path, kind)
+    if found:
+        check_fits(pipe, *found, req.base)  # before the base images are drawn
     base = render(pipe, req.prompts, req.sampling)
     base_subject = render(pipe, req.subject_prompts, req.sampling) if instances else None
     if kind == "model":
@@ -306,7 +315,7 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
         pipe = load_pipeline(str(pers_path), device=device)
         what = "model"
     else:
-        what = load_personalization(pipe, pers_path, PerfusionBlock())
+        what = load_personalization(pipe, pers_path, PerfusionBlock(), req.base)
     pers = render(pipe, req.prompts, req.sampling)
 
     report: dict[str, Any] = {
@@ -389,6 +398,6 @@ def write_report(folder: Path, report: dict[str, Any], base: Rendered, personali
     write_json(paths[0], report)
     write_text(paths[1], to_markdown(report))
     n = min(12, len(base.prompts))
-    captioned_rows([("base", [row[0] for row in base.images[:n]]),
-                    ("personalised", [row[0] for row in personalized.images[:n]])]).save(paths[2])
+    write_image(paths[2], captioned_rows([("base", [row[0] for row in base.images[:n]]),
+                                          ("personalised", [row[0] for row in personalized.images[:n]])]))
     return paths

@@ -13,7 +13,7 @@ like with like:
 :mod:`nullbooth.methods.registry` maps the config's ``method`` name to the class. The loop only talks to
 :class:`Method`: ``prepare`` (mutate the pipeline, return optimizer parameter groups), ``context``
 (entered around the loop), ``encode_prompt``, ``loss`` (the instance term), ``after_step``,
-``checkpoint_state``/``load_checkpoint_state``, ``weight_changes`` (for the leakage report), ``report``
+``penalty``, ``checkpoint_state``/``load_checkpoint_state``, ``weight_changes`` (for the leakage report), ``report``
 and ``save``.
 """
 
@@ -30,6 +30,7 @@ from torch import nn
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.methods.adapters import adapter_targets
+from nullbooth.methods.lora_export import export_kohya_lora
 from nullbooth.stats.capture import cross_attention_layers
 
 ParamGroups = list[dict[str, Any]]
@@ -90,7 +91,11 @@ class Method:
         return F.mse_loss(pred, target.float())
 
     def after_step(self) -> None:
-        """Called after every optimizer step (the projected update lives here)."""
+        """Called after every optimizer step (the projected update and the leakage budget live here)."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """A regulariser added once per optimizer step to the loss (NullBooth's soft budget); ``None``: none."""
+        return None
 
     # -- checkpoints, report, output
 
@@ -133,3 +138,8 @@ class Method:
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
         """Write the trained result; ``info`` is the common JSON config (method, base model, run, versions)."""
         raise NotImplementedError
+
+    def kohya_export(self, output_dir: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     scales: dict[str, float] | None = None) -> list[Path]:
+        """``lora_format: kohya``: the LoRA factors ``ΔW = scale · B A`` once more, with kohya's key names."""
+        return [export_kohya_lora(output_dir, factors, scales)] if self.cfg.lora_format == "kohya" else []

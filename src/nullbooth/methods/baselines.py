@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from nullbooth.filenames import LORA_WEIGHTS
+from nullbooth.filenames import FULL_UNET_DIR, LORA_WEIGHTS
 from nullbooth.methods.base import Method, ParamGroups, WeightChanges
-from nullbooth.methods.lora_export import dense_deltas, export_diffusers_lora
+from nullbooth.methods.lora_export import dense_deltas, export_diffusers_lora, update_factors
 
 # --------------------------------------------------------------------------- dreambooth
 
@@ -35,12 +35,13 @@ class DreamBooth(Method):
         return {p: (m.weight.detach() - self.W0[f"{p}.weight"], self.W0[f"{p}.weight"]) for p, m in self.targets.items()}
 
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
-        self.pipe.unet.save_pretrained(output_dir / "unet")
+        self.pipe.unet.save_pretrained(output_dir / FULL_UNET_DIR)
         # ΔW is generally full rank: the LoRA export is an exact SVD factorisation (rank ≤ min(out, in)).
         deltas = dense_deltas(self.W0, self.pipe.unet, self.layers(self.pipe), self.features())
-        paths = [output_dir / "unet"]
+        paths = [output_dir / FULL_UNET_DIR]
         if any(bool(d.abs().max() > 0) for d in deltas.values()):
-            paths.append(export_diffusers_lora(output_dir, deltas=deltas))
+            factors = update_factors(deltas)
+            paths += [export_diffusers_lora(output_dir, factors), *self.kohya_export(output_dir, factors)]
         return paths
 
 
@@ -83,4 +84,9 @@ class Lora(Method):
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet))
         StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=layers, safe_serialization=True)
-        return [output_dir / LORA_WEIGHTS]
+        factors, scales = {}, {}
+        for path in self.targets:
+            layer = self.pipe.unet.get_submodule(path)
+            factors[path] = (layer.lora_B["default"].weight, layer.lora_A["default"].weight)
+            scales[path] = float(layer.scaling["default"])
+        return [output_dir / LORA_WEIGHTS, *self.kohya_export(output_dir, factors, scales)]

@@ -3,7 +3,8 @@
 :func:`export_diffusers_lora` writes a file that plain ``StableDiffusionPipeline.load_lora_weights``
 reads: for an adapter ``ΔW = B A`` with ``B = M``, ``A = Uᵀ`` and scale 1 (exact, rank ``k``); for a
 full-weight method (dreambooth) the dense ``ΔW`` of :func:`dense_deltas` factorised by SVD
-(:func:`lora_factors`, exact up to the numerical rank).
+(:func:`lora_factors`, exact up to the numerical rank). :func:`export_kohya_lora` writes the same factors
+with kohya's key names (``lora_format: kohya``) for A1111 and ComfyUI.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from nullbooth.config import FEATURES
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import LORA_WEIGHTS
+from nullbooth.filenames import LORA_KOHYA_WEIGHTS, LORA_WEIGHTS
 from nullbooth.io import save_tensors
 from nullbooth.methods.adapters import NullSpaceLinear, adapter_targets, float_dtype, null_space_adapters
 from nullbooth.stats.capture import CrossAttentionLayer
@@ -53,26 +54,17 @@ def lora_factors(delta_W: torch.Tensor, rtol: float | None = None) -> tuple[torc
     return B, A, {"rank": r, "rtol": rtol, "dropped_fro_relative": dropped / total if total else 0.0}
 
 
-def export_diffusers_lora(output_dir: str | Path,
-                          deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] | None = None, *,
-                          unet: nn.Module | None = None, rtol: float | None = None) -> Path:
-    """Write ``<output_dir>/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(output_dir)``.
-
-    Give either ``unet`` (its injected :class:`NullSpaceLinear`: ``B = M``, ``A = Uᵀ``, rank ``k``, exact)
-    or ``deltas``: per target path a ``(B, A)`` pair, or a dense ``ΔW`` that is factorised with
-    :func:`lora_factors` (zero singular values dropped, tolerance ``rtol``). Keys are peft-style
-    ``unet.<module path>.lora_A.weight`` / ``lora_B.weight`` (float32). The file carries diffusers'
-    ``lora_adapter_metadata`` with ``lora_alpha = r`` for every module (``alpha_pattern = rank_pattern``),
-    so the LoRA scale ``alpha / r`` is exactly 1; diffusers ≥ 0.34 reads it, older versions infer the
-    same config from the shapes. Targets with rank 0 (empty null space, zero update) are left out.
-    """
+def update_factors(deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] | None = None, *,
+                   unet: nn.Module | None = None, rtol: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``ΔW = B A`` per target path: from ``unet``'s :class:`NullSpaceLinear` (``B = M``, ``A = Uᵀ``, exact) or from
+    ``deltas`` (``(B, A)`` pairs, or dense ``ΔW`` factorised by :func:`lora_factors`). Rank-0 targets are left out."""
     if (deltas is None) == (unet is None):
-        raise NullBoothError("export_diffusers_lora: give exactly one of `deltas` or `unet`")
+        raise NullBoothError("export a LoRA: give exactly one of `deltas` or `unet`")
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if unet is not None:
         wrappers = null_space_adapters(unet)
         if not wrappers:
-            raise NullBoothError("export_diffusers_lora: the UNet has no null-space adapters; inject or load them first")
+            raise NullBoothError("export a LoRA: the UNet has no null-space adapters; inject or load them first")
         for path, w in wrappers.items():
             if w.M is not None:
                 factors[path] = (w.M.detach(), w.basis.detach().T)  # B = M [out, k], A = Uᵀ [k, in]
@@ -90,9 +82,24 @@ def export_diffusers_lora(output_dir: str | Path,
                 factors[path] = (B, A)
     if not factors:
         raise NullBoothError(
-            "export_diffusers_lora: every update has rank 0 (empty null spaces or no change); nothing to export — "
+            "export a LoRA: every update has rank 0 (empty null spaces or no change); nothing to export — "
             "raise nullbooth.nullspace_threshold so the adapters have room to learn"
         )
+    return factors
+
+
+def export_diffusers_lora(output_dir: str | Path,
+                          deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] | None = None, *,
+                          unet: nn.Module | None = None, rtol: float | None = None) -> Path:
+    """Write ``<output_dir>/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(output_dir)``.
+
+    The factors are :func:`update_factors`' (``unet`` adapters or ``deltas``). Keys are peft-style
+    ``unet.<module path>.lora_A.weight`` / ``lora_B.weight`` (float32). The file carries diffusers'
+    ``lora_adapter_metadata`` with ``lora_alpha = r`` for every module (``alpha_pattern = rank_pattern``),
+    so the LoRA scale ``alpha / r`` is exactly 1; diffusers ≥ 0.34 reads it, older versions infer the
+    same config from the shapes.
+    """
+    factors = update_factors(deltas, unet=unet, rtol=rtol)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for path, (B, A) in factors.items():
@@ -108,6 +115,36 @@ def export_diffusers_lora(output_dir: str | Path,
     output_dir = Path(output_dir)
     save_tensors(output_dir / LORA_WEIGHTS, tensors, metadata)
     return output_dir / LORA_WEIGHTS
+
+
+def kohya_name(path: str) -> str:
+    """kohya / A1111 / ComfyUI module name of a UNet module path: ``lora_unet_`` + the path with ``.`` → ``_``."""
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def export_kohya_lora(output_dir: str | Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                      scales: Mapping[str, float] | None = None) -> Path:
+    """Write ``pytorch_lora_weights_kohya.safetensors``: ``<name>.lora_down.weight`` (``A``), ``.lora_up.weight``
+    (``B``) and ``.alpha`` per module, the key layout of kohya's sd-scripts that A1111, ComfyUI and diffusers'
+    ``load_lora_weights`` read. Those loaders apply ``(alpha / rank) · B A``, so ``alpha = scale · rank``
+    (``scales`` per path, default 1: the exact ``ΔW``).
+
+    Every module is written at the largest rank, smaller ones padded with zero rows of ``A`` and zero columns of
+    ``B`` (``ΔW`` unchanged): diffusers' kohya converter drops per-module alphas whose rank is not the common one,
+    which would rescale those modules."""
+    rank = max(int(B.shape[1]) for B, _ in factors.values())
+    tensors: dict[str, torch.Tensor] = {}
+    for path, (B, A) in factors.items():
+        name = kohya_name(path)
+        pad = rank - int(B.shape[1])
+        A = torch.cat([A.detach().to("cpu", torch.float32), torch.zeros(pad, A.shape[1])])  # [rank, in]
+        B = torch.cat([B.detach().to("cpu", torch.float32), torch.zeros(B.shape[0], pad)], dim=1)  # [out, rank]
+        tensors[f"{name}.lora_down.weight"] = A.contiguous()
+        tensors[f"{name}.lora_up.weight"] = B.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float((scales or {}).get(path, 1.0)) * rank, dtype=torch.float32)
+    path = Path(output_dir) / LORA_KOHYA_WEIGHTS
+    save_tensors(path, tensors, {"format": "pt", "ss_network_module": "networks.lora"})
+    return path
 
 
 def _effective_weight(module: nn.Module) -> torch.Tensor:

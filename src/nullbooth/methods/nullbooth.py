@@ -7,6 +7,7 @@ step, ``W ← W₀ + (W − W₀) P``. Both are saved as the same adapter and it
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,20 @@ import torch
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from nullbooth.methods.adapter_files import bases_from_run, save_adapter
-from nullbooth.methods.adapters import inject_null_space_adapters, null_space_adapters
+from nullbooth.methods.adapters import (
+    NullSpaceLinear,
+    inject_null_space_adapters,
+    null_space_adapters,
+    split_target,
+)
 from nullbooth.methods.base import Method, ParamGroups, WeightChanges
+from nullbooth.methods.budget import LeakageBudget
 from nullbooth.methods.leakage import project_update_
-from nullbooth.methods.lora_export import export_diffusers_lora
+from nullbooth.methods.lora_export import export_diffusers_lora, update_factors
+from nullbooth.runs.layout import load_summed_statistics
 from nullbooth.stats.nullspace import empty_fix
+
+BUDGET_STATE = "leakage_budget.{}.active_steps"  # checkpoint key of a weight's projection count
 
 
 class NullBooth(Method):
@@ -29,6 +39,9 @@ class NullBooth(Method):
     ``projected``: ``W`` trained, then ``W ← W₀ + (W − W₀) P`` after each step (``P = U Uᵀ``), which
     projects Adam's whole update including weight decay; the result is saved as the same adapter,
     ``M = (W − W₀) U``, since ``W − W₀ = (W − W₀) U Uᵀ``.
+
+    ``nullbooth.leakage_budget`` (ε) adds the certified wall of :mod:`nullbooth.methods.budget` after every
+    step, in either mode; ``nullbooth.leakage_penalty`` (γ) the soft form ``γ Σ_W L(ΔW)²`` in the loss.
     """
 
     name = "nullbooth"
@@ -40,20 +53,29 @@ class NullBooth(Method):
         self.stats_run = Path(stats_run)
         nb = self.cfg.nullbooth
         # Every check on the run happens before the model is touched.
-        bases, self.info = bases_from_run(stats_run, self.layers(pipe), self.features(), nb.nullspace_mode,
-                                          nb.nullspace_threshold)
+        with warnings.catch_warnings():
+            if nb.leakage_budget is not None:  # a whole-space "null space" is then deliberate: ε protects
+                warnings.filterwarnings("ignore", message=".*whole input space")
+            bases, self.info = bases_from_run(stats_run, self.layers(pipe), self.features(), nb.nullspace_mode,
+                                              nb.nullspace_threshold)
         self.bases = {p: U for p, U in bases.items() if U.shape[1] > 0}
         if not self.bases:
             spectra = [(i["lambda_min"], i["lambda_max"]) for i in self.info.values()]
             raise NullBoothError(
                 f"every null space of {stats_run} is empty under nullspace_mode '{nb.nullspace_mode}' threshold "
-                f"{nb.nullspace_threshold:g}: nothing can be trained; {empty_fix(nb.nullspace_mode, spectra)}"
+                f"{nb.nullspace_threshold:g}: nothing can be trained; {empty_fix(nb.nullspace_mode, spectra)}; or "
+                "train every direction under a certified budget (nullspace_mode: rank, nullspace_threshold: 0, "
+                "leakage_budget: 0.05)"
             )
         self._freeze(pipe)
         self.update = self.cfg.nullbooth_update
+        self.wrappers: dict[str, NullSpaceLinear] = {}
+        self.budgets: dict[str, LeakageBudget] = {}
         if self.update == "adapter":
-            wrappers = inject_null_space_adapters(pipe.unet, self.bases)
-            return [{"params": [w.M for w in wrappers.values()], "lr": self.lr}]
+            self.wrappers = inject_null_space_adapters(pipe.unet, self.bases)
+            # The adapter's own (rounded) basis: ΔW = M Uᵀ is certified as the model applies it.
+            self.budgets = self._budgets({p: w.basis for p, w in self.wrappers.items()}, full_weight=False)
+            return [{"params": [w.M for w in self.wrappers.values()], "lr": self.lr}]
         # projected: full weights of the targets with room to move; W₀ and one P per distinct basis kept.
         self.W0: dict[str, torch.Tensor] = {}
         self.P: dict[str, torch.Tensor] = {}
@@ -65,7 +87,22 @@ class NullBooth(Method):
             if id(U) not in shared:  # k and v share the text basis: one P for both
                 shared[id(U)] = (U @ U.T).to(device=weight.device, dtype=torch.float32)  # P [in, in]
             self.P[path] = shared[id(U)]
+        self.budgets = self._budgets(self.bases, full_weight=True)
         return [{"params": [self.targets[p].weight for p in self.bases], "lr": self.lr}]
+
+    def _budgets(self, bases: dict[str, torch.Tensor], *, full_weight: bool) -> dict[str, LeakageBudget]:
+        """One :class:`LeakageBudget` per trained weight, on the run's float64 statistics (none without ε or γ)."""
+        nb = self.cfg.nullbooth
+        if nb.leakage_budget is None and not nb.leakage_penalty:
+            return {}
+        stats = load_summed_statistics(self.stats_run)
+        moments: dict[int, torch.Tensor] = {}  # k and v share the text statistic: one S for both
+        budgets = {}
+        for path, U in bases.items():
+            stat = stats[split_target(path)]
+            S = moments.setdefault(id(stat), stat.moment())
+            budgets[path] = LeakageBudget(nb.leakage_budget, S, self.targets[path].weight, U, full_weight=full_weight)
+        return budgets
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -74,18 +111,40 @@ class NullBooth(Method):
                 # Project the cumulative update from W₀: equal to projecting each step's update (earlier
                 # ones are already in the null space, P is idempotent) without accumulating round-off.
                 project_update_(self.targets[path].weight, W0, self.P[path])
+        for path, budget in self.budgets.items():
+            if self.update == "projected":
+                budget.enforce_(self.targets[path].weight, self.W0[path])
+            else:
+                budget.enforce_(self.wrappers[path].M)
+
+    def penalty(self) -> torch.Tensor | None:
+        gamma = self.cfg.nullbooth.leakage_penalty
+        if not gamma:
+            return None
+        terms = [budget.penalty(self.wrappers[p].M if self.update == "adapter" else self.targets[p].weight - self.W0[p])
+                 for p, budget in self.budgets.items()]
+        return gamma * torch.stack(terms).sum()
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return {**super().checkpoint_state(),
+                **{BUDGET_STATE.format(p): b.active_steps for p, b in self.budgets.items()}}
 
     def weight_changes(self) -> WeightChanges:
+        # float64 products: the report certifies ΔW = M Uᵀ as the fp32 factors define it, not a rounded product.
         if self.update == "adapter":
-            return {p: (w.get_delta_weight().detach(), w.base_layer.weight.detach())
+            return {p: (w.M.detach().double() @ w.basis.double().T if w.M is not None else w.get_delta_weight(),
+                        w.base_layer.weight.detach())
                     for p, w in null_space_adapters(self.pipe.unet).items()}
-        return {p: (self.targets[p].weight.detach() - W0, W0) for p, W0 in self.W0.items()}
+        return {p: (self.targets[p].weight.detach().double() - W0.double(), W0) for p, W0 in self.W0.items()}
 
     def report(self) -> dict[str, dict[str, Any]]:
-        return {p: {"trained": p in self.bases, "dim": i["dim"], "null_dim": i["null_dim"],
-                    "lambda_max_null": i["lambda_max_null"], "lambda_min": i["lambda_min"],
-                    "lambda_max": i["lambda_max"]}
-                for p, i in self.info.items()}
+        facts = {p: {"trained": p in self.bases, "dim": i["dim"], "null_dim": i["null_dim"],
+                     "lambda_max_null": i["lambda_max_null"], "lambda_min": i["lambda_min"],
+                     "lambda_max": i["lambda_max"]}
+                 for p, i in self.info.items()}
+        for path, budget in self.budgets.items():
+            facts[path].update(leakage_budget=budget.epsilon, budget_active_steps=int(budget.active_steps))
+        return facts
 
     @torch.no_grad()
     def to_adapter(self) -> None:
@@ -98,13 +157,20 @@ class NullBooth(Method):
             deltas[path] = weight.detach().to(torch.float64) - W0.to(torch.float64)
             weight.copy_(W0)
             weight.requires_grad_(False)
-        wrappers = inject_null_space_adapters(self.pipe.unet, self.bases)
-        for path, wrapper in wrappers.items():
+        self.wrappers = inject_null_space_adapters(self.pipe.unet, self.bases)
+        for path, wrapper in self.wrappers.items():
             wrapper.M.copy_((deltas[path] @ wrapper.basis.to(torch.float64)).to(wrapper.M.dtype))  # [out, k]
         self.update = "adapter"
+        if self.budgets:  # M's rounding is not W's: certify the adapter that is saved, keeping the step counts
+            counts = {p: b.active_steps for p, b in self.budgets.items()}
+            self.budgets = self._budgets({p: w.basis for p, w in self.wrappers.items()}, full_weight=False)
+            for path, budget in self.budgets.items():
+                budget.enforce_(self.wrappers[path].M)
+                budget.active_steps = counts[path]
 
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
         self.to_adapter()
         save_adapter(output_dir, self.pipe.unet, {**info, "nullbooth_update": self.cfg.nullbooth_update})
-        lora = export_diffusers_lora(output_dir, unet=self.pipe.unet)
-        return [output_dir / ADAPTER_WEIGHTS, output_dir / ADAPTER_CONFIG, lora]
+        factors = update_factors(unet=self.pipe.unet)
+        lora = export_diffusers_lora(output_dir, factors)
+        return [output_dir / ADAPTER_WEIGHTS, output_dir / ADAPTER_CONFIG, lora, *self.kohya_export(output_dir, factors)]

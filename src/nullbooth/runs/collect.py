@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import COLLECT_CHECKPOINT
-from nullbooth.io import write_json
+from nullbooth.io import remove_stale_temporaries, write_json
+from nullbooth.locks import lock_folder
 from nullbooth.models import load_pipeline
 from nullbooth.prompts import read_prompt_file, warn_truncated
 from nullbooth.runs.accumulate import Accumulators
 from nullbooth.runs.distributed import Dist, setup
-from nullbooth.runs.layout import MANIFEST, RunData, iter_runs, new_run_dir, read_manifest
+from nullbooth.runs.layout import MANIFEST, RunData, iter_runs, new_run_dir, read_manifest, summed_problems
 from nullbooth.runs.plan import Plan, make_plan, make_scheduler, sampler_timesteps
 from nullbooth.runs.shards import (
     ShardProgress,
@@ -50,7 +51,7 @@ from nullbooth.runs.shards import (
     save_checkpoint,
     statistics_device,
 )
-from nullbooth.runs.write import finalize, run_manifest
+from nullbooth.runs.write import disk_errors, finalize, run_manifest
 from nullbooth.sampling import sample
 from nullbooth.stats.capture import record_inputs, record_timestep
 
@@ -73,6 +74,7 @@ class CollectionObserver(Protocol):
 
 
 OnBatch = Callable[[Accumulators, int], None]
+CHOOSING_WAIT = 120.0  # seconds to wait for another process choosing its run in the same folder (it takes moments)
 
 
 def check_writable(folder: Path) -> None:
@@ -169,11 +171,22 @@ def run_plan(cfg: Config, pipe, plan: Plan, *, dist: Dist | None = None, fresh: 
     scheduler.set_timesteps(nb.num_denoising_steps)
     timesteps = sampler_timesteps(scheduler)
 
-    decision = on_main(dist, lambda: _decide(cfg, plan, timesteps, dist.world_size, fresh=fresh, base=base))
-    if decision["action"] == "reuse":
-        if dist.is_main:
-            log.info("reusing the complete run %s (same model, prompts and settings)", decision["run"])
-        return Path(decision["run"])
+    with ExitStack() as held:  # rank 0 holds the run's lock until the run is written
+        decision = on_main(dist, lambda: _decide(cfg, plan, timesteps, dist.world_size, fresh=fresh, base=base,
+                                                 held=held))
+        if decision["action"] == "reuse":
+            if dist.is_main:
+                log.info("reusing the complete run %s (same model, prompts and settings)", decision["run"])
+            return Path(decision["run"])
+        return _collect_run(cfg, pipe, plan, decision, timesteps, scheduler, dist=dist, progress=progress,
+                            observers=observers, on_batch=on_batch, base=base)
+
+
+def _collect_run(cfg: Config, pipe, plan: Plan, decision: dict[str, Any], timesteps: Sequence[int], scheduler, *,
+                 dist: Dist, progress: bool, observers: Sequence[CollectionObserver], on_batch: OnBatch | None,
+                 base: RunData | None) -> Path:
+    """Sample this process's shards of the run ``_decide`` chose, reduce, write it on rank 0 (see :func:`run_plan`)."""
+    nb = cfg.nullbooth
     run_dir = Path(decision["run"])
     if decision["batch_size"] != plan.batch_size and dist.is_main:
         log.warning("resuming %s with its batch size %d (the config says %d)", run_dir, decision["batch_size"],
@@ -197,41 +210,68 @@ def run_plan(cfg: Config, pipe, plan: Plan, *, dist: Dist | None = None, fresh: 
 
     if dist.enabled:
         reduce_accumulators(acc, dist, device)
-    if dist.is_main:
-        finalize(run_dir, plan, acc, cfg, timesteps, progress, base=base)
-        for observer in observers:
-            observer.finish(run_dir)
+    on_main(dist, lambda: _write(run_dir, plan, acc, cfg, timesteps, progress, base, observers))
     dist.barrier()  # nobody returns (or deletes its checkpoint) before rank 0 has written the complete run
     shutil.rmtree(run_dir / COLLECT_CHECKPOINT.parent, ignore_errors=True)
     return run_dir
 
 
+def _write(run_dir: Path, plan: Plan, acc: Accumulators, cfg: Config, timesteps: Sequence[int], progress: bool,
+           base: RunData | None, observers: Sequence[CollectionObserver]) -> None:
+    """Rank 0: write the complete run, then what the observers saw."""
+    with disk_errors(f"writing the run {run_dir}", "the collected sums are safe in its checkpoint (.partial/) — "
+                     "once the cause is fixed (disk space, permissions), rerun the same command to finish the run"):
+        finalize(run_dir, plan, acc, cfg, timesteps, progress, base=base)
+    for observer in observers:
+        observer.finish(run_dir)
+
+
 def _decide(cfg: Config, plan: Plan, timesteps: Sequence[int], world_size: int, *, fresh: bool,
-            base: RunData | None) -> dict[str, Any]:
+            base: RunData | None, held: ExitStack) -> dict[str, Any]:
     """Rank 0's choice: reuse a complete run of ``plan``, resume its partial run, or start a new one.
 
-    A resumed run keeps the shard count and batch size it started with (its manifest says); its stale
-    checkpoint files are deleted here, before any rank reads them.
+    The choice is made holding the lock of the runs' folder (briefly), so two processes never start or
+    resume the same run; the run to collect is locked into ``held`` (a second process resuming it stops,
+    naming this one). A resumed run keeps the shard count and batch size it started with (its manifest
+    says); its stale checkpoint files are deleted here, before any rank reads them. A complete run that
+    training could not use is not reused: the error names ``--fresh``.
     """
     output_dir = Path(cfg.nullbooth.cov_matrices_output_dir)
-    if not fresh and (done := find_run(output_dir, plan.key, complete=True)):
-        return {"action": "reuse", "run": str(done)}
-    run_dir = None if fresh else find_run(output_dir, plan.key, complete=False, job_key=plan.job_key)
-    if run_dir is not None:
-        collection = read_manifest(run_dir).get("collection", {})
-        n_shards, batch_size = int(collection.get("shards", 1)), int(collection.get("batch_size", plan.batch_size))
-        assignment, stale = assign_shards(read_checkpoints(run_dir), n_shards, world_size, plan.job_key, batch_size)
-        for name in stale:
-            (run_dir / name).unlink(missing_ok=True)
-    else:
-        run_dir = new_run_dir(output_dir, time.strftime("%Y%m%d_%H%M%S"))
-        n_shards, batch_size = world_size, plan.batch_size
-        write_json(run_dir / MANIFEST, run_manifest(replace(plan, n_shards=n_shards), cfg, timesteps, "collecting",
-                                                    run_dir=run_dir, base=base))
-        assignment, _ = assign_shards({}, n_shards, world_size, plan.job_key, batch_size)
-    (run_dir / COLLECT_CHECKPOINT.parent).mkdir(exist_ok=True)
+    with lock_folder(output_dir, "choosing its collection run", wait=CHOOSING_WAIT):
+        if not fresh and (done := find_run(output_dir, plan.key, complete=True)):
+            _check_reusable(done)
+            return {"action": "reuse", "run": str(done)}
+        run_dir = None if fresh else find_run(output_dir, plan.key, complete=False, job_key=plan.job_key)
+        if run_dir is not None:
+            held.enter_context(lock_folder(run_dir, "collecting this run"))
+            remove_stale_temporaries(run_dir)  # a killed collection's half-written files
+            collection = read_manifest(run_dir).get("collection", {})
+            n_shards, batch_size = int(collection.get("shards", 1)), int(collection.get("batch_size", plan.batch_size))
+            assignment, stale = assign_shards(read_checkpoints(run_dir), n_shards, world_size, plan.job_key, batch_size)
+            for name in stale:
+                (run_dir / name).unlink(missing_ok=True)
+        else:
+            run_dir = new_run_dir(output_dir, time.strftime("%Y%m%d_%H%M%S"))
+            held.enter_context(lock_folder(run_dir, "collecting this run"))
+            n_shards, batch_size = world_size, plan.batch_size
+            with disk_errors(f"starting the run {run_dir}", "nothing was collected yet — free space and rerun"):
+                write_json(run_dir / MANIFEST, run_manifest(replace(plan, n_shards=n_shards), cfg, timesteps,
+                                                            "collecting", run_dir=run_dir, base=base))
+            assignment, _ = assign_shards({}, n_shards, world_size, plan.job_key, batch_size)
+        (run_dir / COLLECT_CHECKPOINT.parent).mkdir(exist_ok=True)
     return {"action": "run", "run": str(run_dir), "n_shards": n_shards, "batch_size": batch_size,
             "assignment": assignment}
+
+
+def _check_reusable(run_dir: Path) -> None:
+    """Refuse to hand out a complete run whose summed statistics training could not read."""
+    problems = summed_problems(run_dir, read_manifest(run_dir), spectral=False)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise NullBoothError(
+            f"{run_dir} is the complete run of this configuration, but {problems[0]}{more}, so it cannot be reused; "
+            "`nullbooth collect --fresh` with the same config collects a new run beside it (this one is left as it "
+            f"is — delete it when done; `nullbooth validate {run_dir}` lists every problem)")
 
 
 @contextmanager
@@ -253,22 +293,27 @@ def _sample_shards(cfg: Config, pipe, plan: Plan, acc: Accumulators, shards: Sha
     ``files`` are the checkpoints this process took over; once its own checkpoint holds their sums they go.
     """
     todo = shards.todo(plan.n_batches)
-    bar = tqdm(total=shards.batches_done + len(todo), initial=shards.batches_done, desc="collect", unit="batch",
-               disable=not progress)
-    for count, index in enumerate(todo, 1):
-        start, prompts = plan.batch(index)
-        sample_batch(pipe, cfg, plan, acc, start, prompts, images_dir, observers)
-        shards.record(index)
-        if on_batch is not None:
-            on_batch(acc, index)
-        if count % cfg.nullbooth.checkpoint_every == 0 or count == len(todo):
-            written = save_checkpoint(run_dir, acc, shards, plan)
-            for name in files:  # what this process took over is now in its own file
-                if Path(name) != written:
-                    (run_dir / name).unlink(missing_ok=True)
-            files = [str(written)]
-        bar.update(1)
-    bar.close()
+    saved = shards.batches_done
+    # closed (its line ended) before an error propagates, so the error's one line stands on its own
+    with tqdm(total=shards.batches_done + len(todo), initial=shards.batches_done, desc="collect", unit="batch",
+              disable=not progress) as bar:
+        for count, index in enumerate(todo, 1):
+            start, prompts = plan.batch(index)
+            sample_batch(pipe, cfg, plan, acc, start, prompts, images_dir, observers)
+            shards.record(index)
+            if on_batch is not None:
+                on_batch(acc, index)
+            if count % cfg.nullbooth.checkpoint_every == 0 or count == len(todo):
+                kept = f"its previous checkpoint ({saved} batch(es)) is intact" if saved else "nothing was checkpointed yet"
+                with disk_errors(f"checkpointing {run_dir}", f"{kept} — free space or fix permissions and rerun the "
+                                 "same command to resume"):
+                    written = save_checkpoint(run_dir, acc, shards, plan)
+                saved = shards.batches_done
+                for name in files:  # what this process took over is now in its own file
+                    if Path(name) != written:
+                        (run_dir / name).unlink(missing_ok=True)
+                files = [str(written)]
+            bar.update(1)
 
 
 def sample_batch(pipe, cfg: Config, plan: Plan, acc: Accumulators, start: int, prompts: list[str],

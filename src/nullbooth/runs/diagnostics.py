@@ -1,4 +1,4 @@
-"""What ``nullbooth inspect`` and ``nullbooth validate`` compute: tables over a run's matrices."""
+"""What ``nullbooth inspect`` and ``nullbooth validate`` compute: tables over a run's matrices, and its problems."""
 
 from __future__ import annotations
 
@@ -17,19 +17,27 @@ from nullbooth.runs.layout import (
     layer_dirname,
     load_covariance_data,
     load_summed_statistics,
+    manifest_problems,
     matrix_file,
     read_manifest,
+    read_run_prompts,
+    summed_problems,
     timestep_dirname,
 )
+from nullbooth.runs.shards import checkpoint_shards, read_checkpoints
 from nullbooth.stats.capture import cross_attention_layers
-from nullbooth.stats.nullspace import null_dimension, spectrum, validate_covariance
+from nullbooth.stats.nullspace import empty_fix, full_fix, null_dimension, spectrum, validate_covariance
 
 MODES: tuple[NullspaceMode, ...] = ("absolute", "relative", "energy", "rank", "percentile")
 
 
-def check_model(run_dir: Path, pipe) -> None:
-    """Refuse a run collected on another model (different attn2 layers, widths or weights)."""
+def check_model(run_dir: Path, pipe, *, statistics: bool = True) -> None:
+    """Refuse a run collected on another model (different attn2 layers, widths or weights) and, with
+    ``statistics``, a run whose summed statistics training could not use."""
     manifest = read_manifest(run_dir)
+    damaged = manifest_problems(manifest)
+    if damaged:
+        raise NullBoothError(f"{run_dir}: {damaged[0]}; the manifest is damaged or foreign — collect the run again")
     layers = {l.name: l.weight_shapes() for l in cross_attention_layers(pipe.unet)}
     for layer in manifest["layers"]:
         if layer["name"] not in layers:
@@ -43,11 +51,22 @@ def check_model(run_dir: Path, pipe) -> None:
                 f"{layers[layer['name']]} in this model; the run is from a different model — recollect"
             )
     got = model_fingerprint(pipe)["weights_sha256"]
-    if manifest["identity"]["model"]["weights_sha256"] != got:
+    want = manifest["identity"].get("model", {}).get("weights_sha256", "?")
+    if want != got:
         raise NullBoothError(
-            f"{run_dir} was collected on different weights (fingerprint {manifest['identity']['model']['weights_sha256'][:12]} "
-            f"vs this model's {got[:12]}); use a run of this model or recollect"
+            f"{run_dir} was collected on different weights (fingerprint {want[:12]} vs this model's {got[:12]}); "
+            "use a run of this model or recollect"
         )
+    if statistics:
+        broken = summed_problems(run_dir, manifest, spectral=False)
+        if broken:
+            raise NullBoothError(f"{run_dir}: {broken[0]}{_more(broken)}; training cannot use this run — "
+                                 f"`nullbooth validate {run_dir}` lists its problems; collect a new run "
+                                 "(`nullbooth collect --fresh` with its config)")
+
+
+def _more(problems: Sequence[str]) -> str:
+    return f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
 
 
 def inspect_run(run_dir: Path, mode: NullspaceMode | None = None, threshold: float | None = None) -> list[dict[str, Any]]:
@@ -64,7 +83,7 @@ def inspect_run(run_dir: Path, mode: NullspaceMode | None = None, threshold: flo
         if lam is None:
             lam = cache[id(stat)] = spectrum(stat.moment()).eigenvalues
         rows.append({
-            "layer": layer, "feature": feature, "dim": stat.dim,
+            "layer": layer, "feature": feature, "dim": stat.dim, "mode": mode, "threshold": threshold,
             "null_dim": null_dimension(lam, mode, threshold),
             "lambda_min": float(lam[0]), "lambda_max": float(lam[-1]), "n_samples": stat.count,
         })
@@ -82,47 +101,103 @@ def inspect_matrix(path: Path, settings: Sequence[tuple[NullspaceMode, float]]) 
             for m, t in settings]
 
 
+def null_space_advice(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One warning per :func:`inspect_run`/:func:`inspect_matrix` row whose null space is empty or everything,
+    with the fix its mode needs (the same words ``train`` uses)."""
+    out = []
+    for row in rows:
+        name = f"{row.get('layer', row.get('matrix'))}/{row.get('feature', row['mode'])}"
+        setting = f"{row['mode']} threshold {row['threshold']:g}"
+        if row["null_dim"] == 0:
+            out.append(f"{name}: the null space is empty ({setting}, λ_min = {row['lambda_min']:.4g}) — nothing can be "
+                       f"learned there; {empty_fix(row['mode'], [(row['lambda_min'], row['lambda_max'])])}")
+        elif row["null_dim"] == row["dim"]:
+            out.append(f"{name}: the null space is the whole space ({setting}) — nothing is protected; "
+                       f"{full_fix(row['mode'])}")
+    return out
+
+
 def validate_run(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The seed's checks on every stored matrix plus projector and metadata consistency; returns (rows, problems)."""
+    """Everything training and the seed's loader read from a run, checked: the manifest, the summed statistics
+    (present, readable, expected keys and widths, finite, symmetric, PSD), the prompts, every stored matrix
+    (the seed's checks) with its projector and metadata; of an unfinished run, its checkpoints.
+
+    Returns ``(rows, problems)``: one row per stored matrix, one line per problem.
+    """
+    run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    rows, problems = [], []
+    problems = manifest_problems(manifest)
+    if problems:
+        return [], problems
+    if manifest["status"] != "complete":
+        return [], _unfinished(run_dir, manifest)
+    problems = summed_problems(run_dir, manifest)
+    if manifest["identity"].get("prompts_sha256"):
+        try:
+            read_run_prompts(run_dir, manifest)
+        except NullBoothError as err:
+            problems.append(str(err))
+    rows: list[dict[str, Any]] = []
     seen: dict[tuple[int, int], dict[str, Any]] = {}
     for t in manifest["timesteps"]:
         for layer in manifest["layers"]:
             for feature in manifest["features"]:
-                where = f"{timestep_dirname(t)}/{layer_dirname(layer['name'])}/{feature}"
-                try:
-                    data = load_covariance_data(t, layer["name"], feature, run_dir)
-                except NullBoothError as err:
-                    problems.append(str(err))
-                    continue
-                path = matrix_file(run_dir, t, layer["name"], feature)
-                inode = (path.stat().st_dev, path.stat().st_ino)
-                checks = seen.get(inode) or validate_covariance(data["covariance"])
-                seen[inode] = checks
-                meta, C, P = data["metadata"], data["covariance"], data["projection"]
-                expected_width = layer["weight_shapes"][feature][1]
-                row = {"where": where, **checks, "null_dim": meta.get("null_space_dim")}
-                if C.shape != (expected_width, expected_width):
-                    problems.append(f"{where}: covariance shape {C.shape}, expected ({expected_width}, {expected_width}) from the manifest")
-                if meta.get("feature_dim") != C.shape[0]:
-                    problems.append(f"{where}: metadata feature_dim {meta.get('feature_dim')} != matrix width {C.shape[0]}")
-                if P is not None:
-                    P64 = P.astype(np.float64)
-                    idem = float(np.abs(P64 @ P64 - P64).max())
-                    row["projector_idempotence_error"] = idem
-                    if idem > 1e-4 or not np.allclose(P64, P64.T, atol=1e-5):
-                        problems.append(f"{where}: projection is not a symmetric idempotent matrix (‖P²−P‖∞ = {idem:.2e})")
-                    rank = int(round(np.trace(P64)))
-                    if rank != meta.get("null_space_dim"):
-                        problems.append(f"{where}: projection rank {rank} != metadata null_space_dim {meta.get('null_space_dim')}")
-                elif meta.get("null_space_dim", 0):
-                    problems.append(f"{where}: metadata says null_space_dim {meta['null_space_dim']} but the projection file is missing")
-                for check in ("finite", "symmetric", "positive_semidefinite"):
-                    if not checks[check]:
-                        problems.append(f"{where}: covariance fails the {check.replace('_', ' ')} check")
-                rows.append(row)
+                row, found = _check_matrix(run_dir, int(t), layer, feature, seen)
+                problems += found
+                if row is not None:
+                    rows.append(row)
     return rows, problems
+
+
+def _unfinished(run_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The one problem of a run still collecting: how far its checkpoints got (or that they are unreadable)."""
+    try:
+        files = read_checkpoints(run_dir)
+    except NullBoothError as err:
+        return [f"{run_dir} is unfinished (status {manifest['status']!r}) and {err}"]
+    done = sum(sum(checkpoint_shards(meta).values()) for meta in files.values())
+    collection = manifest.get("collection", {})
+    total = -(-int(collection.get("prompts_sampled", 0)) // max(int(collection.get("batch_size", 1)), 1))
+    return [f"{run_dir} is unfinished (status {manifest['status']!r}, {done} of {total or '?'} prompt batches in its "
+            "checkpoints): training cannot use it yet; rerun `nullbooth collect` with its config to finish it"]
+
+
+def _check_matrix(run_dir: Path, t: int, layer: dict[str, Any], feature: str,
+                  seen: dict[tuple[int, int], dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The seed's checks of one stored matrix, its projector and its metadata: ``(row, problems)``."""
+    where = f"{timestep_dirname(t)}/{layer_dirname(layer['name'])}/{feature}"
+    try:
+        data = load_covariance_data(t, layer["name"], feature, run_dir)
+    except NullBoothError as err:
+        return None, [str(err)]
+    meta, C, P = data["metadata"], data["covariance"], data["projection"]
+    width = int(layer["weight_shapes"][feature][1])
+    if C.shape != (width, width):
+        return None, [f"{where}: covariance shape {C.shape}, expected ({width}, {width}) from the manifest"]
+    path = matrix_file(run_dir, t, layer["name"], feature)
+    inode = (path.stat().st_dev, path.stat().st_ino)
+    checks = seen.get(inode) or validate_covariance(C)
+    seen[inode] = checks
+    row = {"where": where, **checks, "null_dim": meta.get("null_space_dim")}
+    problems = []
+    if meta.get("feature_dim") != C.shape[0]:
+        problems.append(f"{where}: metadata feature_dim {meta.get('feature_dim')} != matrix width {C.shape[0]}")
+    if P is not None and P.shape != C.shape:
+        problems.append(f"{where}: projection shape {P.shape}, expected {C.shape} like its covariance")
+    elif P is not None:
+        P64 = P.astype(np.float64)
+        idem = float(np.abs(P64 @ P64 - P64).max()) if np.isfinite(P64).all() else float("inf")
+        row["projector_idempotence_error"] = idem
+        if idem > 1e-4 or not np.allclose(P64, P64.T, atol=1e-5):
+            problems.append(f"{where}: projection is not a symmetric idempotent matrix (‖P²−P‖∞ = {idem:.2e})")
+        elif (rank := int(round(np.trace(P64)))) != meta.get("null_space_dim"):
+            problems.append(f"{where}: projection rank {rank} != metadata null_space_dim {meta.get('null_space_dim')}")
+    elif meta.get("null_space_dim", 0):
+        problems.append(f"{where}: metadata says null_space_dim {meta['null_space_dim']} but the projection file is missing")
+    for check in ("finite", "symmetric", "positive_semidefinite"):
+        if not checks[check]:
+            problems.append(f"{where}: covariance fails the {check.replace('_', ' ')} check")
+    return row, problems
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:

@@ -16,6 +16,7 @@
         visualizations/                       pictures, when enabled
         .partial/checkpoint.safetensors       resumable collection state (one shard; checkpoint.rank{r}.safetensors
                                               per shard of a distributed run); gone once the run is complete
+        .nullbooth.lock                       the collecting process's PID; locked while it runs (nullbooth.locks)
 
 The text features (inputs of ``to_k``/``to_v``) are identical for every layer and timestep, so their
 files are written once and hard-linked everywhere else: the layout is unchanged for readers, the
@@ -147,12 +148,90 @@ def load_statistics(path: Path) -> tuple[dict[str, SecondMoment], dict[str, str]
         if not key:
             raise NullBoothError(f"{path} holds tensor {name!r}, which is not a nullbooth statistic; foreign file?")
         grouped.setdefault(key, {})[part] = value
-    return {key: SecondMoment.from_state_dict(parts) for key, parts in grouped.items()}, metadata
+    try:
+        return {key: SecondMoment.from_state_dict(parts) for key, parts in grouped.items()}, metadata
+    except (KeyError, NullBoothError) as err:
+        raise NullBoothError(f"{path} holds a statistic that is not a float64 sum and count ({err}); the file is "
+                             "corrupt or foreign") from None
+
+
+MANIFEST_FIELDS = {"status": str, "key": str, "identity": dict, "layers": list, "features": list, "timesteps": list}
+
+
+def manifest_problems(manifest: Mapping[str, Any]) -> list[str]:
+    """What a run's manifest lacks for training, inspection or validation to read it (empty when nothing)."""
+    problems = [f"{MANIFEST} field {name!r}: expected a {kind.__name__}, got {type(manifest.get(name)).__name__}"
+                for name, kind in MANIFEST_FIELDS.items() if not isinstance(manifest.get(name), kind)]
+    for i, layer in enumerate(manifest.get("layers") or []):
+        shapes = layer.get("weight_shapes") if isinstance(layer, dict) else None
+        if not isinstance(layer, dict) or not isinstance(layer.get("name"), str) or not isinstance(shapes, dict) \
+                or not all(isinstance(v, list) and len(v) == 2 for v in shapes.values()):
+            problems.append(f"{MANIFEST} layers[{i}]: expected {{name, weight_shapes: {{feature: [out, in]}}}}")
+    return problems
+
+
+def expected_statistics(manifest: Mapping[str, Any]) -> dict[str, int]:
+    """``{summed key: width}`` a complete run's ``stats/summed.safetensors`` must hold (k and v share ``TEXT_KEY``)."""
+    out: dict[str, int] = {}
+    for layer in manifest["layers"]:
+        for feature in manifest["features"]:
+            key = TEXT_KEY if feature in ("k", "v") else stat_key(layer["name"], feature)
+            out[key] = int(layer["weight_shapes"][feature][1])
+    return out
+
+
+def summed_problems(run_dir: Path, manifest: Mapping[str, Any], *, spectral: bool = True) -> list[str]:
+    """Why training could not use this run's ``stats/summed.safetensors`` (empty when it can).
+
+    Present and readable; one statistic per expected key, square of the layer's input width, with samples;
+    finite; symmetric; and (``spectral``) positive semi-definite up to float64 rounding.
+    """
+    problems = manifest_problems(manifest)
+    if problems:
+        return problems
+    path = Path(run_dir) / SUMMED_STATS
+    if not path.is_file():
+        return [f"{SUMMED_STATS} is missing"]
+    try:
+        stats, meta = load_statistics(path)
+    except NullBoothError as err:
+        return [str(err)]
+    if meta.get("key") not in (None, manifest["key"]):
+        problems.append(f"{SUMMED_STATS} belongs to another run (key {str(meta.get('key'))[:12]}…)")
+    for key, width in expected_statistics(manifest).items():
+        stat = stats.get(key)
+        if stat is None:
+            problems.append(f"{SUMMED_STATS} lacks the statistic {key}")
+        elif stat.dim != width:
+            problems.append(f"{SUMMED_STATS} {key}: expected a {width}×{width} sum, got {stat.dim}×{stat.dim}")
+        elif stat.count <= 0:
+            problems.append(f"{SUMMED_STATS} {key}: expected a positive sample count, got {stat.count}")
+        else:
+            problems += [f"{SUMMED_STATS} {key}: {why}" for why in _sum_problems(stat.sum, spectral)]
+    return problems
+
+
+def _sum_problems(S: torch.Tensor, spectral: bool) -> list[str]:
+    if not bool(torch.isfinite(S).all()):
+        return ["holds NaN or Inf"]
+    scale = float(S.abs().max())
+    asym = float((S - S.T).abs().max())
+    if asym > 1e-9 * scale:
+        return [f"is not symmetric (max |S − Sᵀ| = {asym:.3g} of max |S| = {scale:.3g})"]
+    if spectral:
+        lam = torch.linalg.eigvalsh((S + S.T) / 2)  # ascending
+        if float(lam[0]) < -1e-9 * max(float(lam[-1]), 0.0):
+            return [f"is not positive semi-definite (λ_min = {float(lam[0]):.3g}, λ_max = {float(lam[-1]):.3g})"]
+    return []
 
 
 def load_summed_statistics(run_dir: Path) -> dict[tuple[str, str], SecondMoment]:
     """The timestep-summed statistic of every (layer, feature) of a complete run; k/v share the text statistic."""
     manifest = read_manifest(run_dir)
+    problems = manifest_problems(manifest)
+    if problems:
+        raise NullBoothError(f"{run_dir}: {problems[0]}; the manifest is damaged or foreign — collect the run again "
+                             "(`nullbooth collect --fresh`)")
     stats, _ = load_statistics(Path(run_dir) / SUMMED_STATS)
     out: dict[tuple[str, str], SecondMoment] = {}
     for layer in manifest["layers"]:

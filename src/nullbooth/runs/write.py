@@ -13,12 +13,14 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from nullbooth import __version__
@@ -44,6 +46,19 @@ from nullbooth.stats.compress import matrix_files, write_matrix
 from nullbooth.stats.moments import SecondMoment
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def disk_errors(doing: str, kept: str) -> Iterator[None]:
+    """Turn a failed write (a full disk, a read-only or vanished folder) while ``doing`` into one ``NullBoothError``
+    line saying what was kept and how to go on (``kept``). Every writer is atomic, so nothing half-written stays;
+    a writer's own ``NullBoothError`` gets the same context."""
+    try:
+        yield
+    except (OSError, SafetensorError, NullBoothError) as err:  # safetensors reports write errors as SafetensorError
+        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        where = f" at {err.filename}" if getattr(err, "filename", None) else ""
+        raise NullBoothError(f"{doing} failed ({why}{where}); {kept}") from None
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ null-space constrained ``nullbooth`` (docs/design.md §2), or the ``dreambooth``
 same weights. accelerate supplies devices, mixed precision and multi-process data parallelism;
 gradient accumulation is written out.
 
-:func:`train` is set-up (:mod:`nullbooth.training.setup`) → loop → finish (the method's files and the
-report, :mod:`nullbooth.training.report`).
+:func:`train` is set-up (:mod:`nullbooth.training.setup`) → :func:`loop` → :func:`finish` (the method's files,
+the report of :mod:`nullbooth.training.report` and the model card), holding ``output_dir``'s lock throughout.
 
 Determinism: the VAE and text encoder are frozen, so the latent distributions of the images are
 computed once; every random draw of the loop (latent sample, noise, timestep) comes from one
@@ -36,6 +36,8 @@ from nullbooth.dataset import batch_indices
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import TRAIN_CONFIG, TRAIN_REPORT
 from nullbooth.io import write_json
+from nullbooth.report.model_card import write_model_card
+from nullbooth.runs.write import disk_errors
 from nullbooth.training.checkpoint import load_checkpoint, save_checkpoint
 from nullbooth.training.report import build_report, nan_message, output_info, validate, write_report_html
 from nullbooth.training.setup import Setup, setup
@@ -51,21 +53,28 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True,
     ``accelerator`` may be passed in, e.g. by tests and benchmarks; otherwise they are created here.
     ``on_step(step, loss)`` is called after every optimizer step (loggers, benchmarks).
     """
-    # -- set-up: data, method, optimizer; the checkpoint to resume from
+    # -- set-up: data, method, optimizer; the checkpoint to resume from; output_dir's lock
     ts = setup(cfg, pipe=pipe, accelerator=accelerator, progress=progress)
+    with ts.lock or nullcontext():  # output_dir stays this process's until its result is written
+        losses, step_seconds, seconds = loop(ts, cfg, progress, on_step)
+        # -- finish: the method's files and the report
+        return finish(cfg, ts, losses, step_seconds, seconds=seconds)
+
+
+def loop(ts: Setup, cfg: Config, progress: bool, on_step: Callable[[int, float], None] | None,
+         ) -> tuple[list[float], list[float], float]:
+    """One optimizer step per iteration, from the resumed step to ``max_train_steps``, checkpointing and
+    validating on schedule; returns every step's loss, this session's step times and its seconds."""
     accelerator, method, optimizer, lr_scheduler = ts.accelerator, ts.method, ts.optimizer, ts.lr_scheduler
     output_dir = Path(cfg.output_dir)
     step, losses, step_seconds = 0, [], []
     if ts.resume_dir is not None:
         step, losses = load_checkpoint(ts.resume_dir, cfg, method, optimizer, lr_scheduler, ts.generator, accelerator)
         log.info("resumed from %s at step %d", ts.resume_dir, step)
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {method.name}", unit="step",
-               disable=not (progress and accelerator.is_main_process))
-
-    # -- the loop: one optimizer step per iteration
     ts.unet.train()
     started = time.perf_counter()
-    with method.context():
+    with tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {method.name}", unit="step",
+              disable=not (progress and accelerator.is_main_process)) as bar, method.context():
         while step < cfg.max_train_steps:
             tick = time.perf_counter()
             step_loss = accumulate_gradients(ts, cfg, step)
@@ -75,7 +84,7 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True,
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            method.after_step()  # nullbooth/projected: W ← W₀ + (W − W₀) P
+            method.after_step()  # nullbooth: W ← W₀ + (W − W₀) P (projected), the leakage budget
             step += 1
             losses.append(float(step_loss))
             step_seconds.append(time.perf_counter() - tick)
@@ -89,10 +98,7 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True,
             if (cfg.validation_prompt and accelerator.is_main_process
                     and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)):
                 validate(cfg, ts.pipe, output_dir, step, ts.resolution)
-    bar.close()
-
-    # -- finish: the method's files and the report
-    return finish(cfg, ts, losses, step_seconds, seconds=time.perf_counter() - started)
+    return losses, step_seconds, time.perf_counter() - started
 
 
 def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
@@ -125,7 +131,8 @@ def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
                     pred_prior, target_prior.float())
             else:
                 loss = method.loss(pred, target, idx)
-            accelerator.backward(loss / accum)
+            penalty = method.penalty()  # e.g. γ Σ L(ΔW)²; once per step in total, kept out of the logged loss
+            accelerator.backward((loss if penalty is None else loss + penalty) / accum)
         step_loss += accelerator.reduce(loss.detach(), "mean") / accum
     return step_loss
 
@@ -154,12 +161,16 @@ def finish(cfg: Config, ts: Setup, losses: list[float], step_seconds: list[float
     if accelerator.is_main_process:
         output_dir = Path(cfg.output_dir)
         info = output_info(cfg, ts.method, ts.stats_run)
-        report = build_report(cfg, ts.method, ts.stats_run, ts.heldout, losses, info, seconds)
-        report["step_seconds"] = step_seconds  # this session's steps (a resumed run times only its own)
-        files = ts.method.save(output_dir, info)
-        report["files"] = [str(p) for p in files]
-        write_json(output_dir / TRAIN_CONFIG, cfg.model_dump(mode="json"))
-        write_json(output_dir / TRAIN_REPORT, report)
-        write_report_html(output_dir, report)
+        # The last checkpoint is always written before this point, so a failed write loses no training.
+        with disk_errors(f"writing the result in {output_dir}", f"checkpoint-{len(losses)} is intact; free space "
+                         "and resume with resume_from_checkpoint: latest (it finishes without training)"):
+            files = ts.method.save(output_dir, info)  # first: the report then measures what was saved
+            report = build_report(cfg, ts.method, ts.stats_run, ts.heldout, losses, info, seconds)
+            report["step_seconds"] = step_seconds  # this session's steps (a resumed run times only its own)
+            report["files"] = [str(p) for p in files]
+            write_json(output_dir / TRAIN_CONFIG, cfg.model_dump(mode="json"))
+            write_json(output_dir / TRAIN_REPORT, report)
+            write_report_html(output_dir, report)
+            write_model_card(output_dir, report, cfg.model_dump(mode="json"))
     accelerator.wait_for_everyone()
     return report

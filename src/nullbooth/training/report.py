@@ -2,7 +2,8 @@
 
 The report's leakage is eq. 2 of :mod:`nullbooth.methods.leakage`, ``‖ΔW X₀‖_F / ‖W X₀‖_F``, on the
 preserved features (the statistics run) and on held-out prompts, next to the bound a null-space
-threshold implies.
+threshold implies. On the preserved features it is computed exactly from the float64 statistics, so with a
+``leakage_budget`` it *certifies* the budget; on held-out prompts it is measured, never certified.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 
 from nullbooth import __version__
 from nullbooth.config import Config
-from nullbooth.filenames import TRAIN_REPORT_HTML
+from nullbooth.filenames import TRAIN_REPORT_HTML, VALIDATION_DIR
 from nullbooth.methods.adapters import split_target
 from nullbooth.methods.base import Method
 from nullbooth.methods.leakage import relative_leakage
@@ -45,7 +46,7 @@ def validate(cfg: Config, pipe, output_dir: Path, step: int, resolution: int) ->
                         steps=cfg.generate.num_inference_steps, guidance=cfg.generate.guidance_scale, batch_size=None)
     finally:
         pipe.unet.train(training)
-    path = output_dir / "validation" / f"step-{step:06d}.png"
+    path = output_dir / VALIDATION_DIR / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(path)
     return path
@@ -122,9 +123,21 @@ def build_report(cfg: Config, method: Method, stats_run: Path | None, heldout: d
         "heldout_prompts": cfg.heldout_prompts,
         "summary": {"max_leak_preserved": summary("leak_preserved"), "max_leak_heldout": summary("leak_heldout"),
                     "max_leak_bound": summary("leak_bound"), "final_loss": losses[-1] if losses else None,
+                    **budget_summary(cfg, rows),
                     "trained_weights": sum(1 for r in rows if r.get("trained", True)), "weights": len(rows)},
         "weights": rows, "losses": losses, "warnings": warnings_,
     }
+
+
+def budget_summary(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """With ``nullbooth.leakage_budget``: ε, whether every trained weight's certified leakage is within it, and
+    how many weights the projection had to pull back at least once."""
+    budget = cfg.nullbooth.leakage_budget if cfg.method == "nullbooth" else None
+    if budget is None:
+        return {}
+    certified = [r["leak_preserved"] for r in rows if "leakage_budget" in r and "leak_preserved" in r]
+    return {"leakage_budget": budget, "budget_certified": bool(certified) and max(certified) <= budget,
+            "budget_active_weights": sum(1 for r in rows if r.get("budget_active_steps", 0) > 0)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -132,10 +145,11 @@ def format_report(report: dict[str, Any]) -> str:
     def num(v: Any, fmt: str = ".3g") -> str:
         return "-" if v is None else format(v, fmt) if isinstance(v, float) else str(v)
 
-    head = ["weight", "dim", "null", "|dW|/|W|", "leak prior", "bound", "leak held-out"]
+    head = ["weight", "dim", "null", "|dW|/|W|", "leak prior", "bound", "budget", "projected", "leak held-out"]
     body = [[r["weight"].replace("transformer_blocks.", "tb.").replace("attentions.", "a."), num(r.get("dim")),
              num(r.get("null_dim")), num(r.get("delta_rel")), num(r.get("leak_preserved")), num(r.get("leak_bound")),
-             num(r.get("leak_heldout"))] for r in report["weights"]]
+             num(r.get("leakage_budget")), num(r.get("budget_active_steps")), num(r.get("leak_heldout"))]
+            for r in report["weights"]]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [head, *body]]
     s = report["summary"]
@@ -143,7 +157,11 @@ def format_report(report: dict[str, Any]) -> str:
     curve = ", ".join(f"{x:.4f}" for x in losses[:: max(1, len(losses) // 10)])
     lines += [f"method {report['method']}: {report['steps']} steps in {report['seconds']:.1f} s, final loss "
               f"{num(s['final_loss'], '.4f')}; max leakage on prior features {num(s['max_leak_preserved'])}, on held-out "
-              f"prompts {num(s['max_leak_heldout'])}", f"loss curve: {curve}"]
+              f"prompts {num(s['max_leak_heldout'])} (measured, not certified)", f"loss curve: {curve}"]
+    if "leakage_budget" in s:
+        verdict = "certified on every trained weight" if s["budget_certified"] else "NOT met"
+        lines.append(f"leakage budget ε = {s['leakage_budget']:g} on the prior features: {verdict}; the projection "
+                     f"pulled back {s['budget_active_weights']} weight(s) at least once (column 'projected': steps)")
     return "\n".join(lines)
 
 
@@ -151,9 +169,9 @@ def write_report_html(output_dir: Path, report: dict[str, Any]) -> Path:
     """``train_report.html``: the report in the run-report style — loss curve, leakage per weight, validation images."""
     leakage = [{"layer": r["layer"], "weight": f"{r['feature']} ({where})", "leakage": r[key]}
                for r in report["weights"]
-               for key, where in (("leak_preserved", "preserved"), ("leak_heldout", "held-out"))
+               for key, where in (("leak_preserved", "prior, exact"), ("leak_heldout", "held-out, measured"))
                if r.get(key) is not None]
-    images = [(f"validation, {p.stem}", Image.open(p)) for p in sorted((output_dir / "validation").glob("step-*.png"))]
+    images = [(f"validation, {p.stem}", Image.open(p)) for p in sorted((output_dir / VALIDATION_DIR).glob("step-*.png"))]
     page = {"title": f"{report['method']} training report", "loss": report["losses"], "leakage": leakage,
             **{k: v for k, v in report.items() if k not in ("losses", "weights", "format")},
             "weights": report["weights"]}
@@ -162,7 +180,12 @@ def write_report_html(output_dir: Path, report: dict[str, Any]) -> Path:
 
 def nan_message(cfg: Config, step: int, output_dir: Path) -> str:
     last = latest_checkpoint(output_dir)
-    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    return (f"the training loss became NaN/Inf at step {step}; stopped without applying that step ({keep}); "
-            f"lower learning_rate (now {cfg.learning_rate or 'the method default'}), use mixed_precision 'no' or "
-            "'bf16', then resume with resume_from_checkpoint: latest")
+    lr = cfg.learning_rate or "the method default"
+    if last is None:
+        return (f"the training loss became NaN/Inf at step {step}; stopped without applying that step (no checkpoint "
+                f"was written yet); lower learning_rate (now {lr}) or use mixed_precision 'no' or 'bf16', then run "
+                "train again from the start")
+    # A resumed run keeps its checkpoint's learning rate (and refuses a changed one): a lower one means starting over.
+    return (f"the training loss became NaN/Inf at step {step}; stopped without applying that step (the last good "
+            f"checkpoint is {last}); resume it with mixed_precision 'no' or 'bf16' (resume_from_checkpoint: latest), "
+            f"or start over with a lower learning_rate (now {lr}) and --overwrite")

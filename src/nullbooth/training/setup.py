@@ -9,7 +9,9 @@ prompts into ``q(z | x)`` and encodings once; and the loop's one random generato
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,31 @@ from torch import nn
 
 from nullbooth.config import Config, check_training
 from nullbooth.dataset import Example, load_examples
+from nullbooth.errors import NullBoothError
+from nullbooth.filenames import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_PREFIX,
+    CONCEPT_FILE,
+    FULL_UNET_DIR,
+    LEGACY_ADAPTER_CONFIG,
+    LORA_WEIGHTS,
+    MODEL_INDEX,
+    PERFUSION_CONFIG,
+    TRAIN_CONFIG,
+    TRAIN_REPORT,
+    TRAIN_REPORT_HTML,
+    VALIDATION_DIR,
+)
+from nullbooth.io import remove_stale_temporaries
+from nullbooth.locks import FolderLock, lock_folder
 from nullbooth.methods.base import Method, ParamGroups
 from nullbooth.methods.registry import make_method
 from nullbooth.models import load_pipeline
-from nullbooth.sampling import default_size
+from nullbooth.sampling import check_size
 from nullbooth.stats.capture import cross_attention_layers
 from nullbooth.stats.moments import SecondMoment
-from nullbooth.training.checkpoint import find_checkpoint
+from nullbooth.training.checkpoint import check_resume, checkpoint_step, find_checkpoint
 from nullbooth.training.prior import (
     class_examples,
     heldout_statistics,
@@ -36,6 +56,12 @@ from nullbooth.training.prior import (
     prompt_inputs,
     statistics_run,
 )
+
+log = logging.getLogger(__name__)
+
+# What a finished run leaves in output_dir (each method's files, the report, the config); a new run replaces them.
+RESULT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, LEGACY_ADAPTER_CONFIG, LORA_WEIGHTS, CONCEPT_FILE, PERFUSION_CONFIG,
+                FULL_UNET_DIR, TRAIN_REPORT, TRAIN_REPORT_HTML, TRAIN_CONFIG)
 
 
 @dataclass
@@ -70,18 +96,42 @@ class Setup:
     heldout: dict[tuple[str, str], SecondMoment] | None  # held-out features (main process, heldout_prompts)
     resolution: int
     resume_dir: Path | None
+    lock: FolderLock | None = None  # output_dir's, held by the main process while it trains
 
 
 def setup(cfg: Config, *, pipe=None, accelerator: Accelerator | None = None, progress: bool = True) -> Setup:
     """Check ``cfg``, load what is not passed in, take the base model's statistics, prepare the method's
-    parameters, the data and the optimizer (see the module docstring for why in this order)."""
+    parameters, the data and the optimizer (see the module docstring for why in this order).
+
+    The main process holds ``output_dir``'s lock from here until the returned ``Setup.lock`` is released
+    (or dropped); on an error here it is released at once.
+    """
     check_training(cfg)
     accelerator = accelerator or make_accelerator(cfg)
+    lock, replaced = prepare_output_dir(cfg, accelerator)
+    try:
+        ts = _setup(cfg, pipe, accelerator, lock, progress)
+        # Only now that everything is checked and loaded: an overwrite that fails early deletes nothing.
+        if accelerator.is_main_process:
+            for path in replaced:
+                log.info("overwrite: deleting %s", path)
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        accelerator.wait_for_everyone()
+        return ts
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _setup(cfg: Config, pipe, accelerator: Accelerator, lock: FolderLock | None, progress: bool) -> Setup:
     resume_dir = find_checkpoint(Path(cfg.output_dir), cfg.resume_from_checkpoint)  # fail before loading anything
+    if resume_dir is not None:
+        check_resume(resume_dir, cfg, accelerator.num_processes, accelerator.device)
     if pipe is None:
         pipe = load_pipeline(cfg.pretrained_model_name_or_path, device=accelerator.device)
     pipe.to(accelerator.device)
-    resolution = cfg.resolution or default_size(pipe)
+    resolution = check_size(pipe, cfg.resolution)  # a multiple of the VAE's scale, at most 4× the native size
     method = make_method(cfg)
     instance = load_examples(cfg.instance_data_dir, cfg.instance_prompt, resolution, "instance_data_dir")
 
@@ -110,14 +160,65 @@ def setup(cfg: Config, *, pipe=None, accelerator: Accelerator | None = None, pro
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index),
         instance=instance_data, classes=class_data, stats_run=stats_run, heldout=heldout, resolution=resolution,
-        resume_dir=resume_dir,
+        resume_dir=resume_dir, lock=lock,
     )
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     # Without CUDA, accelerate only runs several processes (torchrun / accelerate launch) when told to use the CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerated = getattr(torch, "accelerator", None)
+    has_device = accelerated.is_available() if accelerated is not None else torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and (multi_cpu or not has_device):
+        # accelerate would silently train in float32 instead.
+        raise NullBoothError("mixed_precision: fp16 needs a CUDA device and this machine trains on the CPU; use 'no' "
+                             "or 'bf16' on CPU")
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_cpu)
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> tuple[FolderLock | None, list[Path]]:
+    """Check ``output_dir`` before anything is loaded; returns its lock (main process) and what ``overwrite``
+    must delete once the set-up has succeeded.
+
+    Refuses a file, an unwritable folder, a folder another nullbooth process trains into (its PID named), a
+    diffusers model folder, and one that holds an earlier run's result or checkpoints — unless the run resumes
+    (``resume_from_checkpoint``) or ``overwrite`` is set (which replaces only the names nullbooth writes;
+    ``class_images/`` and anything else stays). Every process checks; the main process locks.
+    """
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise NullBoothError(f"output_dir: {out} is a file; pass a folder (it is created if missing)")
+    if cfg.overwrite and cfg.resume_from_checkpoint:
+        raise NullBoothError("overwrite deletes the checkpoints resume_from_checkpoint would continue; set one of them")
+    if (out / MODEL_INDEX).is_file():
+        raise NullBoothError(f"output_dir: {out} holds a diffusers pipeline ({MODEL_INDEX}); train into another folder")
+    lock = lock_folder(out, "training into it") if accelerator.is_main_process else None
+    if lock is not None:
+        remove_stale_temporaries(out)  # what a killed run's writers left; the lock says no writer is alive here
+    earlier = earlier_results(out)
+    if earlier and not cfg.resume_from_checkpoint and not cfg.overwrite:
+        if lock is not None:
+            lock.release()
+        names = ", ".join(p.name for p in earlier[:4]) + (", …" if len(earlier) > 4 else "")
+        raise NullBoothError(
+            f"output_dir: {out} already holds an earlier training run ({names}); pass --overwrite (overwrite: true) "
+            "to delete it and train anew, resume_from_checkpoint: latest to continue it, or choose another output_dir")
+    return lock, earlier if cfg.overwrite else []
+
+
+def earlier_results(output_dir: Path) -> list[Path]:
+    """What an earlier run left in ``output_dir`` that a new run would mix with: its result files, checkpoints
+    (finished or half-written) and validation grids."""
+    if not output_dir.is_dir():
+        return []
+    results = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]
+    checkpoints = sorted(p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None)
+    half_written = sorted(p for p in output_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")
+                          if p.is_dir() and checkpoint_step(Path(p.name[1:-4])) is not None)
+    if not results and not checkpoints:
+        return []  # validation grids or a half-written checkpoint alone: a run that never got anywhere
+    validation = [output_dir / VALIDATION_DIR] if (output_dir / VALIDATION_DIR).is_dir() else []
+    return results + checkpoints + half_written + validation
 
 
 def encode_examples(method: Method, pipe, examples: list[Example]) -> Examples:

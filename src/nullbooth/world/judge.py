@@ -29,6 +29,8 @@ from PIL import Image
 from nullbooth import __version__
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import JUDGE_CONFIG, JUDGE_DIR, JUDGE_WEIGHTS
+from nullbooth.io import load_tensors, read_json
+from nullbooth.models import check_pickled_weights
 from nullbooth.world.scenes import (
     ATTRIBUTE_NAMES,
     ATTRIBUTE_VALUES,
@@ -165,8 +167,6 @@ class Judge:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Judge":
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         cfg_path, w_path = folder / JUDGE_CONFIG, folder / JUDGE_WEIGHTS
         if not cfg_path.is_file() or not w_path.is_file():
@@ -175,12 +175,16 @@ class Judge:
                 f"{sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'no folder'}; "
                 "train one with: python scripts/train_judge.py"
             )
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        raw = read_json(cfg_path, f"a judge config ({JUDGE_CONFIG})")
         known = set(JudgeConfig.__dataclass_fields__)
-        config = JudgeConfig(**{k: v for k, v in raw.items() if k in known})
-        judge = cls(config)
-        state = {k: v.float() for k, v in load_file(str(w_path)).items()}
-        judge.net.load_state_dict(state)
+        try:
+            judge = cls(JudgeConfig(**{k: v for k, v in raw.items() if k in known}))
+            tensors, _ = load_tensors(w_path, f"judge weights ({JUDGE_WEIGHTS})")
+            judge.net.load_state_dict({k: v.float() for k, v in tensors.items()})
+        except (TypeError, ValueError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise NullBoothError(f"the judge in {folder} does not match its {JUDGE_CONFIG} ({first}); train it again "
+                                 "with: python scripts/train_judge.py") from None
         judge.net.eval()
         return judge
 
@@ -351,7 +355,7 @@ class HFVisionFeatures:
                 f"expected a transformers model folder with config.json at {folder}, found none; "
                 "give a CLIP or DINOv2 folder saved with save_pretrained, or use 'judge'"
             )
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = read_json(cfg_path, "a transformers model config")
         model_type = cfg.get("model_type")
         if model_type not in _SUPPORTED:
             raise NullBoothError(
@@ -360,24 +364,25 @@ class HFVisionFeatures:
             )
         import transformers
 
+        check_pickled_weights(folder, "transformers.AutoModel")
         self.model_type = model_type
         try:
             if model_type == "clip":
-                self.model = transformers.CLIPVisionModelWithProjection.from_pretrained(folder)
+                self.model = transformers.CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True)
                 size = cfg.get("vision_config", {}).get("image_size", 224)
                 mean, std = _CLIP_MEAN, _CLIP_STD
             elif model_type == "clip_vision_model":
-                self.model = transformers.CLIPVisionModel.from_pretrained(folder)
+                self.model = transformers.CLIPVisionModel.from_pretrained(folder, use_safetensors=True)
                 size, mean, std = cfg.get("image_size", 224), _CLIP_MEAN, _CLIP_STD
             else:
-                self.model = transformers.AutoModel.from_pretrained(folder)
+                self.model = transformers.AutoModel.from_pretrained(folder, use_safetensors=True)
                 size, mean, std = 224, _IMAGENET_MEAN, _IMAGENET_STD
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise NullBoothError(f"could not load a {model_type} model from {folder}: {first}") from None
         pre = folder / "preprocessor_config.json"
         if pre.is_file():
-            p = json.loads(pre.read_text(encoding="utf-8"))
+            p = read_json(pre, "a preprocessor config")
             mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
             crop = p.get("crop_size", p.get("size", size))
             size = crop.get("height", crop.get("shortest_edge", size)) if isinstance(crop, dict) else int(crop)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nullbooth.config import Config, PerfusionBlock
-from nullbooth.dataset import image_to_tensor, read_image_folder, tokenize
+from nullbooth.dataset import image_to_tensor, read_image_folder, to_rgb, tokenize
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import CONCEPT_FILE, PERFUSION_CONFIG
 from nullbooth.io import read_json, write_json
@@ -186,7 +186,7 @@ def load_masks(instance_dir: str | Path, mask_dir: str | Path, resolution: int, 
                 f"perfusion.mask_dir: mask {mpath.name} is {mask.size[0]}×{mask.size[1]} but its image {path.name} is "
                 f"{shown.size[0]}×{shown.size[1]}; a mask must have its image's size (resize the mask, do not crop it)"
             )
-        gray = mask.convert("L").convert("RGB")  # white = subject; the same geometry as the image below
+        gray = to_rgb(mask).convert("L").convert("RGB")  # white = subject; the same geometry as the image below
         m = (image_to_tensor(gray, resolution)[0] + 1.0) / 2.0  # [r, r] in [0, 1]
         m = F.interpolate(m[None, None], size=(latent_size, latent_size), mode="area")[0, 0]  # [h, w]
         if float(m.max()) <= 0.0:
