@@ -14,6 +14,7 @@ import torch
 from conftest import subject_images, write_prompts
 from safetensors.torch import load_file
 
+from nullbooth.cli.main import main
 from nullbooth.config import check_training, config_from_dict
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import LORA_KOHYA_WEIGHTS, LORA_WEIGHTS, MODEL_CARD
@@ -95,7 +96,13 @@ def test_model_card_has_the_front_matter_settings_guarantees_and_samples(world):
     assert "Leakage budget ε = 0.05" in card and "certified" in card
     assert "![validation](validation/step-000002.png)" in card and (folder / "validation/step-000002.png").is_file()
     assert "pipe.load_lora_weights(" in card and "use_safetensors=True" in card
-    assert not (folder / LORA_KOHYA_WEIGHTS).exists()
+    assert not (folder / LORA_KOHYA_WEIGHTS).exists() and "## Evaluation" not in card
+    # `nullbooth evaluate` of the output refreshes its card with the numbers it measured.
+    assert main(["evaluate", str(folder), "--prompt", "a red circle", "--prompt", "a blue square", "--seeds", "0,1",
+                 "--steps", "2", "--resolution", str(RES), "--k", "1"]) == 0
+    card = (folder / MODEL_CARD).read_text(encoding="utf-8")
+    assert "## Evaluation" in card and "| paired same-seed RMSE (0 = unchanged) |" in card
+    assert "Leakage budget ε = 0.05" in card  # the rest of the card is still there
 
 
 def test_kohya_is_refused_for_perfusion(world):

@@ -53,6 +53,7 @@ VALIDATION_DIR = "validation"  # validation grids, step-<step>.png
 GENERATE_IMAGES_DIR = "images"  # nullbooth generate: <out>/images/, one PNG per (prompt, seed)
 
 # an evaluation (nullbooth.eval)
+EVALUATION_DIR = "evaluation"  # nullbooth evaluate's default --output inside a training output
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
 EVALUATION_SAMPLES = "samples.png"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nullbooth.cli.common import parse_seeds
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import EVALUATION_JSON, EVALUATION_MD
+from nullbooth.filenames import EVALUATION_DIR, EVALUATION_JSON, EVALUATION_MD
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -38,11 +38,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         sampling=Sampling(seeds=tuple(args.seeds), steps=args.steps, guidance=args.guidance, resolution=args.resolution,
                           batch=args.batch),
         features=args.features, attributes=args.attributes, subject_prompts=subject, instance_dir=instance_dir,
-        k=args.k, output=args.output or str(pers / "evaluation"),
+        k=args.k, output=args.output or str(pers / EVALUATION_DIR),
     )
     report = evaluate(req)
     print(to_markdown(report, max_prompts=10), end="")
     print(f"wrote {Path(req.output) / EVALUATION_JSON} and {EVALUATION_MD}")
+    if Path(req.output) == pers / EVALUATION_DIR:
+        from nullbooth.report.model_card import refresh_model_card
+
+        refresh_model_card(pers)  # the training output's card now shows these numbers
     return 0
 
 

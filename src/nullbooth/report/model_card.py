@@ -3,7 +3,8 @@
 Hub front matter (``base_model``, ``library_name``, ``instance_prompt``, ``tags``) followed by what was trained
 from what, the hyper-parameters, what the method guarantees and measured (null dimensions, the leakage
 budget, leakage on the prior and held-out features), evaluation numbers when an ``evaluation.json`` sits in the
-folder, the latest validation grid and how to load the result with plain diffusers.
+folder's ``evaluation/`` (``nullbooth evaluate`` refreshes the card), the latest validation grid and how to load
+the result with plain diffusers.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from typing import Any
 from nullbooth.filenames import (
     ADAPTER_WEIGHTS,
     CONCEPT_FILE,
+    EVALUATION_DIR,
     EVALUATION_JSON,
     FULL_UNET_DIR,
     LORA_WEIGHTS,
     MODEL_CARD,
+    TRAIN_CONFIG,
+    TRAIN_REPORT,
     VALIDATION_DIR,
 )
-from nullbooth.io import write_text
+from nullbooth.io import read_json, write_text
 
 HYPER_PARAMETERS = ("max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
                     "resolution", "seed", "lr_scheduler", "lr_warmup_steps", "with_prior_preservation",
@@ -63,17 +67,24 @@ def _guarantees(report: Mapping[str, Any]) -> list[str]:
 
 
 def _evaluation(folder: Path) -> list[str]:
-    path = folder / EVALUATION_JSON
-    if not path.is_file():
-        return []
+    """Headline numbers of ``nullbooth evaluate``'s report in ``<folder>/evaluation/`` (base vs this model)."""
     try:
-        summary = json.loads(path.read_text(encoding="utf-8")).get("summary", {})
-    except (OSError, ValueError, AttributeError):
+        report = json.loads((folder / EVALUATION_DIR / EVALUATION_JSON).read_text(encoding="utf-8"))
+        rows = [("paired same-seed RMSE (0 = unchanged)", report["paired"]["rmse"]),
+                *((f"{k} (preservation)", v) for k, v in report["distribution"].items())]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
-    rows = [(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if not rows:
-        return []
-    return ["## Evaluation", "", "| metric | value |", "|---|---|", *[f"| {k} | {_num(v)} |" for k, v in rows], ""]
+    attributes = report.get("attributes") or {}
+    if attributes:
+        rows.append(("stated attributes drawn, base → this model",
+                     f"{_num(attributes['base'].get('all'))} → {_num(attributes['personalized'].get('all'))}"))
+    subject = report.get("subject") or {}
+    if subject:
+        rows.append(("subject fidelity, base → this model",
+                     f"{_num(subject['base'].get('fidelity'))} → {_num(subject['personalized'].get('fidelity'))}"))
+    return ["## Evaluation", "", f"`nullbooth evaluate`, {report.get('prompts')} prompts, seeds "
+            f"{report.get('sampling', {}).get('seeds')} ({EVALUATION_DIR}/{EVALUATION_JSON}):", "",
+            "| metric | value |", "|---|---|", *[f"| {k} | {_num(v)} |" for k, v in rows], ""]
 
 
 def _usage(report: Mapping[str, Any], folder: Path) -> list[str]:
@@ -118,3 +129,13 @@ def write_model_card(folder: str | Path, report: Mapping[str, Any], config: Mapp
     folder = Path(folder)
     write_text(folder / MODEL_CARD, model_card(folder, report, config))
     return folder / MODEL_CARD
+
+
+def refresh_model_card(folder: str | Path) -> Path | None:
+    """Rewrite the card of a finished training output from its report and config (after ``nullbooth evaluate``);
+    ``None`` when ``folder`` is not one."""
+    folder = Path(folder)
+    if not ((folder / TRAIN_REPORT).is_file() and (folder / TRAIN_CONFIG).is_file()):
+        return None
+    return write_model_card(folder, read_json(folder / TRAIN_REPORT, "the training report"),
+                            read_json(folder / TRAIN_CONFIG, "the training config"))
