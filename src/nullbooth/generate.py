@@ -26,7 +26,14 @@ from PIL import Image
 
 from nullbooth.config import Config, PerfusionBlock
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GENERATE_IMAGES_DIR, LORA_WEIGHTS, TRAIN_CONFIG
+from nullbooth.filenames import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FULL_UNET_DIR,
+    GENERATE_IMAGES_DIR,
+    LORA_WEIGHTS,
+    TRAIN_CONFIG,
+)
 from nullbooth.io import read_json, write_image
 from nullbooth.methods.adapter_files import load_adapter
 from nullbooth.methods.perfusion.method import find_concept_files, load_perfusion_personalization
@@ -62,8 +69,8 @@ def find_personalization(path: str | Path, perfusion: PerfusionBlock | None = No
     if (folder / ADAPTER_WEIGHTS).is_file() and config.is_file() and \
             read_json(config, "an adapter config").get("format") == "nullbooth-adapter":
         return "nullbooth", folder
-    if (folder / "unet" / "config.json").is_file():
-        return "dreambooth", folder / "unet"
+    if (folder / FULL_UNET_DIR / "config.json").is_file():
+        return "dreambooth", folder / FULL_UNET_DIR
     lora = path if path.is_file() and path.suffix == ".safetensors" else folder / LORA_WEIGHTS
     if lora.is_file():
         return "lora", lora

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import BUNDLED_MODELS
+from nullbooth.filenames import BUNDLED_MODELS, MODEL_INDEX
 from nullbooth.stats.capture import is_cross_attention
 
 CLIP_VOCAB_SIZE = 49408
@@ -195,12 +195,12 @@ def cache_dir() -> Path:
 def materialize_builtin(name: str) -> Path:
     """Write built-in model ``name`` to a diffusers folder (once) and return the folder."""
     shipped = BUNDLED_MODELS / name
-    if (shipped / "model_index.json").is_file():
+    if (shipped / MODEL_INDEX).is_file():
         return shipped
     arch = BUILTIN_MODELS[name]
     key = hashlib.sha256(repr(arch).encode()).hexdigest()[:12]
     folder = cache_dir() / "models" / f"{name}-{key}"
-    if (folder / "model_index.json").is_file():
+    if (folder / MODEL_INDEX).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
@@ -210,7 +210,7 @@ def materialize_builtin(name: str) -> Path:
     except OSError:
         # Another process finished first; its folder is as good as ours.
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "model_index.json").is_file():
+        if not (folder / MODEL_INDEX).is_file():
             raise
     return folder
 
@@ -225,7 +225,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def _model_index(folder: Path) -> dict[str, Any]:
     """``model_index.json`` of a local diffusers folder, refused when missing or unreadable."""
-    index = folder / "model_index.json"
+    index = folder / MODEL_INDEX
     if not index.is_file():
         raise NullBoothError(
             f"expected a diffusers model folder with model_index.json at {folder}, found none; point "

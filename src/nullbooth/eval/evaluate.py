@@ -38,7 +38,15 @@ from nullbooth.eval.metrics import (
     paired_image_distance,
     subject_fidelity,
 )
-from nullbooth.filenames import EVALUATION_JSON, EVALUATION_MD, EVALUATION_SAMPLES, TRAIN_CONFIG, WORLD_MODEL_MARKER
+from nullbooth.filenames import (
+    EVALUATION_JSON,
+    EVALUATION_MD,
+    EVALUATION_SAMPLES,
+    FULL_UNET_DIR,
+    MODEL_INDEX,
+    TRAIN_CONFIG,
+    WORLD_MODEL_MARKER,
+)
 from nullbooth.generate import check_fits, check_output_dir, find_personalization, load_personalization
 from nullbooth.io import read_json, write_image, write_json, write_text
 from nullbooth.models import load_pipeline, resolve_model_path
@@ -131,7 +139,7 @@ def personalized_kind(path: Path) -> str:
     if not path.exists():
         raise NullBoothError(f"evaluate: expected the personalised model at {path} (a training output_dir or a "
                              "diffusers folder), found nothing")
-    return "model" if (path / "model_index.json").is_file() else "output"
+    return "model" if (path / MODEL_INDEX).is_file() else "output"
 
 
 def training_config(path: Path) -> dict[str, Any]:
@@ -144,7 +152,7 @@ def training_config(path: Path) -> dict[str, Any]:
 def check_comparable(base_arch: dict[str, Any], base_name: str, pers_path: Path, kind: str) -> None:
     """Refuse a personalised model (or the base a training output records) of another architecture."""
 
-    if kind == "model" or (pers_path / "unet" / "config.json").is_file():
+    if kind == "model" or (pers_path / FULL_UNET_DIR / "config.json").is_file():
         check_same_architecture(base_arch, architecture(pers_path), base_name, str(pers_path))
     recorded = training_config(pers_path).get("pretrained_model_name_or_path") if kind == "output" else None
     if recorded and Path(resolve_model_path(recorded)).is_dir():
