@@ -58,6 +58,9 @@ class NullBooth(Method):
                 warnings.filterwarnings("ignore", message=".*whole input space")
             bases, self.info = bases_from_run(stats_run, self.layers(pipe), self.features(), nb.nullspace_mode,
                                               nb.nullspace_threshold)
+        # The budget needs S itself; read once here (bases_from_run has checked the run), not per conversion.
+        wants_stats = nb.leakage_budget is not None or bool(nb.leakage_penalty)
+        self.stats = load_summed_statistics(self.stats_run) if wants_stats else None
         self.bases = {p: U for p, U in bases.items() if U.shape[1] > 0}
         if not self.bases:
             spectra = [(i["lambda_min"], i["lambda_max"]) for i in self.info.values()]
@@ -92,16 +95,15 @@ class NullBooth(Method):
 
     def _budgets(self, bases: dict[str, torch.Tensor], *, full_weight: bool) -> dict[str, LeakageBudget]:
         """One :class:`LeakageBudget` per trained weight, on the run's float64 statistics (none without ε or γ)."""
-        nb = self.cfg.nullbooth
-        if nb.leakage_budget is None and not nb.leakage_penalty:
+        if self.stats is None:
             return {}
-        stats = load_summed_statistics(self.stats_run)
         moments: dict[int, torch.Tensor] = {}  # k and v share the text statistic: one S for both
         budgets = {}
         for path, U in bases.items():
-            stat = stats[split_target(path)]
+            stat = self.stats[split_target(path)]
             S = moments.setdefault(id(stat), stat.moment())
-            budgets[path] = LeakageBudget(nb.leakage_budget, S, self.targets[path].weight, U, full_weight=full_weight)
+            budgets[path] = LeakageBudget(self.cfg.nullbooth.leakage_budget, S, self.targets[path].weight, U,
+                                          full_weight=full_weight)
         return budgets
 
     @torch.no_grad()

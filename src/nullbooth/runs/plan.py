@@ -15,7 +15,7 @@ from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.runs.identity import identity_key, model_fingerprint, normalize_segments, prompts_identity
 from nullbooth.runs.layout import RunData
-from nullbooth.sampling import default_size
+from nullbooth.sampling import default_size, scheduler_class
 from nullbooth.stats.capture import CrossAttentionLayer, cross_attention_layers
 
 
@@ -94,13 +94,7 @@ def make_scheduler(pipe, sampler: str):
 
     if sampler == "uniform":
         return diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading", steps_offset=0)
-    cls = getattr(diffusers, sampler, None)
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
-        raise NullBoothError(
-            f"nullbooth.sampler: expected 'uniform' or a diffusers scheduler class name "
-            f"(e.g. DDIMScheduler, EulerDiscreteScheduler), got {sampler!r}"
-        )
-    return cls.from_config(pipe.scheduler.config)
+    return scheduler_class(sampler, "nullbooth.sampler ('uniform' or a scheduler)").from_config(pipe.scheduler.config)
 
 
 def sampler_timesteps(scheduler) -> list[int]:
