@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nullbooth.cli.main import main
 from nullbooth.errors import NullBoothError
-from nullbooth.io import save_npy, write_json
+from nullbooth.io import load_tensors, save_npy, save_tensors, write_json
 
 PROMPTS = b"a red circle\na blue square\n"
 GOOD = "pretrained_model_name_or_path: tiny-sd\nnullbooth:\n  num_denoising_steps: 2\n"
@@ -24,6 +25,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 
 # id, verb, config file bytes (None: no --config, "DIR": a folder), extra argv, prompt file bytes, words of the error
 CASES = [
+    ("seed_not_a_number", "train", None, ["--seed", "abc"], None, ["seed", "valid integer", "got 'abc'"]),
     ("non_utf8", "collect", b"seed: 1\ninstance_prompt: caf\xe9\n", [], None, ["byte 0xe9 at offset 28", "save it as UTF-8"]),
     ("duplicate_key", "train", b"seed: 1\nnullbooth:\n  enable: true\nseed: 2\n", [], None,
      ["'seed' is given twice", "lines 1 and 4"]),
@@ -153,7 +155,6 @@ def test_prompt_file_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
     (["generate", "--seeds", "0,-3", "--prompt", "x"], "nullbooth generate: error: argument --seeds"),
     (["generate", "--seeds", str(2**63), "--prompt", "x"], "nullbooth generate: error: argument --seeds"),
     (["generate", "--seeds", ",", "--prompt", "x"], "nullbooth generate: error: argument --seeds"),
-    (["train", "--seed", "abc"], "nullbooth train: error: argument --seed: invalid int value"),
     (["frob"], "nullbooth: error: argument VERB: invalid choice"),
 ])
 def test_flag_errors_are_one_line(argv, start, capsys):
@@ -235,7 +236,6 @@ def _bad_safetensors(path, kind):
     import json
     import struct
 
-    import torch
     from safetensors.torch import save_file
 
     header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
@@ -301,7 +301,6 @@ def test_json_reader_keeps_infinite_numbers_reports_write(tmp_path):
 
 
 def _writers(tmp_path):
-    import torch
 
     from nullbooth.io import save_tensors, write_text
 
@@ -396,3 +395,16 @@ def test_a_killed_writer_leaves_the_previous_file_and_a_removable_temporary(tmp_
     assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp") and target.read_bytes() == before
     assert remove_stale_temporaries(tmp_path) == leftovers
     assert [p.name for p in tmp_path.iterdir()] == ["c.npy"] and target.read_bytes() == before
+
+
+def test_safetensors_files_are_byte_identical_for_identical_content(tmp_path):
+    """safetensors orders header metadata by a hash map; save_tensors sorts it, so identical runs write identical
+    files (a resumed run's LoRA file equals an uninterrupted run's byte for byte)."""
+    tensors = {"b": torch.ones(3, 2), "a": torch.arange(5.0)}
+    metadata = {"format": "pt", "lora_adapter_metadata": '{"r": 2, "note": "é"}', "z": "1", "m": "2"}
+    files = [tmp_path / f"{i}.safetensors" for i in range(12)]
+    for path in files:
+        save_tensors(path, tensors, metadata)
+    assert len({p.read_bytes() for p in files}) == 1
+    loaded, meta = load_tensors(files[0], "a test file")
+    assert meta == metadata and all(torch.equal(loaded[k], tensors[k]) for k in tensors)

@@ -3,7 +3,12 @@
 Images are read with PIL only (no torchvision): every file in the folder is tried, files that are
 not images or cannot be decoded are skipped with one warning, and what remains is converted to
 8-bit RGB by :func:`to_rgb` (grayscale, palette, CMYK, alpha and 16-bit / float images included;
-transparency is composited over white), resized on its shorter side and center-cropped to ``resolution``.
+transparency is composited over white), resized on its shorter side and cropped to ``resolution``.
+With ``dataloader_num_workers`` the files are decoded and resized on that many threads, in the same order.
+
+Augmentation is a fixed pool of variants per image (:class:`Augmentation`): the VAE is frozen and every image
+is encoded once, so instead of transforming the image at every step, each crop and mirror image that
+diffusers' transforms could draw is made — and encoded — up front, and the loop draws among them.
 
 The batch order is a pure function of ``(seed, micro-step, process rank)``: a seeded permutation
 per epoch, the processes taking interleaved slices of one global stream. A resumed run therefore
@@ -14,9 +19,12 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,15 +39,58 @@ log = logging.getLogger(__name__)
 # Class images have always been sampled at the diffusers pipeline's default guidance (as in diffusers'
 # train_dreambooth.py); the config has no setting for it.
 CLASS_GUIDANCE = 7.5
+# Crop positions per image when center_crop is false (diffusers' RandomCrop draws a new one every step).
+RANDOM_CROPS = 8
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """diffusers' ``center_crop`` and ``random_flip`` as the variants each image is encoded in.
+
+    ``center_crop``: the centre square only. Otherwise ``crops`` distinct crop positions of the resized image
+    (all of them when it has fewer: a square image has exactly one), drawn once from a generator seeded by
+    ``seed``; the loop picks one of them uniformly, as ``RandomCrop`` picks among all positions.
+    ``random_flip``: each crop mirrored as well, so a drawn variant is mirrored with probability ½
+    (``RandomHorizontalFlip``).
+    """
+
+    center_crop: bool = True
+    random_flip: bool = False
+    seed: int = 0
+    crops: int = RANDOM_CROPS
+
+
+CENTER = Augmentation()  # one variant per image: the centre crop
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training image (``[3, H, W]`` in ``[-1, 1]``) and the prompt it is paired with."""
+    """One training image as its variants ``[V, 3, H, W]`` in ``[-1, 1]`` (crop 0, crop 0 mirrored, crop 1, …;
+    ``V = 1`` without augmentation) and the prompt it is paired with."""
 
-    pixels: torch.Tensor
+    variants: torch.Tensor
     prompt: str
     source: str
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """``[3, H, W]``: the first variant (the only one without augmentation)."""
+        return self.variants[0]
+
+
+def thread_map(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
+    """``[fn(x) for x in items]``, computed on ``workers`` threads when ``workers > 0`` (the order is kept).
+
+    PIL releases the GIL while it decodes and resizes, so threads are enough; there is no per-step loading
+    to overlap with (every image is encoded once).
+    """
+    if workers <= 0:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nullbooth-images") as pool:
+        return list(pool.map(fn, items))
 
 
 # --------------------------------------------------------------------------- images
@@ -80,22 +131,63 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """``(w, h)`` of an image of ``size`` once its shorter side is resized to ``resolution``."""
+    w, h = size
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def crop_corners(size: tuple[int, int], resolution: int, augmentation: Augmentation,
+                 generator: torch.Generator) -> list[tuple[int, int]]:
+    """Top-left corners ``(left, top)`` of the ``resolution`` squares cut from an (upright) image of ``size`` after
+    :func:`resized_size`: the centre, or ``augmentation.crops`` distinct positions drawn from ``generator``."""
+    w, h = resized_size(size, resolution)
+    if augmentation.center_crop:
+        return [((w - resolution) // 2, (h - resolution) // 2)]
+    nx, ny = w - resolution + 1, h - resolution + 1
+    if nx * ny == 1:
+        return [(0, 0)]  # nothing to choose: no draw
+    picks = torch.randperm(nx * ny, generator=generator)[:augmentation.crops].sort().values.tolist()
+    return [(p % nx, p // nx) for p in picks]
+
+
+def image_variants(image: Image.Image, resolution: int, corners: Sequence[tuple[int, int]],
+                   flip: bool = False) -> torch.Tensor:
+    """``image`` (8-bit RGB, :func:`to_rgb`) resized on its shorter side to ``resolution``, cut at each of ``corners``
+    (and, with ``flip``, each cut mirrored too), scaled to ``[-1, 1]``: ``[V, 3, r, r]``, crop 0, its mirror, crop 1, …"""
+    size = resized_size(image.size, resolution)
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    out = []
+    for left, top in corners:
+        crop = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0  # [r, r, 3]
+        x = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, r, r]
+        out += [x, x.flip(-1)] if flip else [x]
+    return torch.stack(out)
+
+
 def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to ``resolution``, center-crop to a square, scale to ``[-1, 1]``: ``[3, r, r]``."""
     image = to_rgb(image)
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # [r, r, 3]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, r, r]
+    corner = crop_corners(image.size, resolution, CENTER, torch.Generator())[0]
+    return image_variants(image, resolution, [corner])[0]
 
 
-def read_image_folder(folder: str | Path, what: str, *, allow_empty: bool = False) -> list[tuple[Path, Image.Image]]:
-    """Every decodable image in ``folder`` (sorted by name) as 8-bit RGB (:func:`to_rgb`); others are skipped
-    with a warning.
+def _decode(path: Path) -> tuple[Path, Image.Image | str]:
+    """``path`` decoded as 8-bit RGB, or why it cannot be."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not in the middle of training
+            return path, to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        return path, f"{path.name} ({type(err).__name__})"
+
+
+def read_image_folder(folder: str | Path, what: str, *, allow_empty: bool = False,
+                      workers: int = 0) -> list[tuple[Path, Image.Image]]:
+    """Every decodable image in ``folder`` (sorted by name) as 8-bit RGB (:func:`to_rgb`), decoded on ``workers``
+    threads (:func:`thread_map`); others are skipped with a warning.
 
     Raises when the folder is missing, or (unless ``allow_empty``) when no image remains.
     """
@@ -106,14 +198,9 @@ def read_image_folder(folder: str | Path, what: str, *, allow_empty: bool = Fals
         raise NullBoothError(f"{what}: expected a folder of images at {folder}, found "
                              f"{'a file' if folder.exists() else 'nothing'}; point {what} at a folder of images")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images, skipped = [], []
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                im.load()  # decode now: a truncated file fails here, not in the middle of training
-                images.append((path, to_rgb(im)))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            skipped.append(f"{path.name} ({type(err).__name__})")
+    decoded = thread_map(_decode, files, workers)
+    images = [(p, im) for p, im in decoded if not isinstance(im, str)]
+    skipped = [im for _, im in decoded if isinstance(im, str)]
     if skipped:
         warnings.warn(f"{what}: skipped {len(skipped)} file(s) in {folder} that are not readable images: "
                       f"{', '.join(skipped[:5])}{', …' if len(skipped) > 5 else ''}", stacklevel=2)
@@ -123,47 +210,65 @@ def read_image_folder(folder: str | Path, what: str, *, allow_empty: bool = Fals
     return images
 
 
-def load_examples(folder: str | Path, prompt: str, resolution: int, what: str,
-                  *, allow_empty: bool = False, limit: int | None = None) -> list[Example]:
-    images = read_image_folder(folder, what, allow_empty=allow_empty)[:limit]
+def make_examples(images: Sequence[tuple[Path, Image.Image]], prompts: Sequence[str], resolution: int,
+                  augmentation: Augmentation = CENTER, workers: int = 0) -> list[Example]:
+    """One :class:`Example` per image, paired with ``prompts[i]``, its variants made on ``workers`` threads.
+
+    The crop positions are drawn in the images' order before any thread starts, so they do not depend on
+    ``workers``; every image set (instance, class) draws from its own generator seeded by ``augmentation.seed``.
+    """
+    generator = torch.Generator().manual_seed(augmentation.seed)
+    corners = [crop_corners(image.size, resolution, augmentation, generator) for _, image in images]
+    variants = thread_map(lambda i: image_variants(images[i][1], resolution, corners[i], augmentation.random_flip),
+                          range(len(images)), workers)
+    return [Example(v, prompt, str(path)) for (path, _), v, prompt in zip(images, variants, prompts)]
+
+
+def load_examples(folder: str | Path, prompt: str, resolution: int, what: str, *, allow_empty: bool = False,
+                  limit: int | None = None, augmentation: Augmentation = CENTER, workers: int = 0) -> list[Example]:
+    """The images of ``folder`` (the first ``limit``) as examples of ``prompt`` (:func:`make_examples`)."""
+    images = read_image_folder(folder, what, allow_empty=allow_empty, workers=workers)[:limit]
     small = [p.name for p, im in images if min(im.size) < resolution]
     if small:
         log.warning("%s: %d image(s) are smaller than resolution %d and are upscaled (first: %s)",
                     what, len(small), resolution, small[0])
-    return [Example(image_to_tensor(im, resolution), prompt, str(p)) for p, im in images]
+    return make_examples(images, [prompt] * len(images), resolution, augmentation, workers)
 
 
 # --------------------------------------------------------------------------- class images
 
 
-def collection_examples(run_dir: Path, prompts: Sequence[str], resolution: int, limit: int) -> list[Example]:
+def collection_examples(run_dir: Path, prompts: Sequence[str], resolution: int, limit: int,
+                        augmentation: Augmentation = CENTER, workers: int = 0) -> list[Example]:
     """A collection run's own generations (``generations/NNNNNN.png``), each paired with the prompt that made it."""
     folder = Path(run_dir) / "generations"
-    out = []
-    for path, image in read_image_folder(folder, "collection generations", allow_empty=True):
-        if path.stem.isdigit() and int(path.stem) < len(prompts):
-            out.append(Example(image_to_tensor(image, resolution), prompts[int(path.stem)], str(path)))
-        if len(out) == limit:
-            break
-    return out
+    found = [(path, image) for path, image in read_image_folder(folder, "collection generations", allow_empty=True,
+                                                                  workers=workers)
+             if path.stem.isdigit() and int(path.stem) < len(prompts)][:limit]
+    return make_examples(found, [prompts[int(p.stem)] for p, _ in found], resolution, augmentation, workers)
 
 
 def generate_class_images(pipe, prompt: str, folder: Path, count: int, *, start: int, resolution: int,
-                          steps: int, batch_size: int, seed: int, progress: bool = False) -> list[Path]:
+                          steps: int, batch_size: int, seed: int, autocast: torch.dtype | None = None,
+                          progress: bool = False) -> list[Path]:
     """Sample ``count`` images of ``prompt`` with the base model into ``folder`` (``class_{i:05d}.png``).
 
     Image ``i`` uses seed ``seed + i`` (:func:`nullbooth.sampling.sample`) so a rerun that is interrupted
     regenerates the same set. Each batch is written before the next is sampled: an interruption keeps them.
+    ``autocast``: sample under ``torch.autocast`` with this dtype (diffusers' ``prior_generation_precision``);
+    the weights themselves are not cast, since training needs them at full precision.
     """
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     bar = tqdm(total=count, desc="class images", unit="img", disable=not progress)
+    precision = nullcontext() if autocast is None else torch.autocast(pipe.unet.device.type, dtype=autocast)
     for first in range(start, start + count, batch_size):
         ids = list(range(first, min(first + batch_size, start + count)))
-        images = sample(pipe, [prompt] * len(ids), [seed + i for i in ids], steps=steps, guidance=CLASS_GUIDANCE,
-                        size=resolution, batch_size=None)
+        with precision:
+            images = sample(pipe, [prompt] * len(ids), [seed + i for i in ids], steps=steps, guidance=CLASS_GUIDANCE,
+                            size=resolution, batch_size=None)
         for i, image in zip(ids, images):
             path = folder / f"class_{i:05d}.png"
             write_image(path, image)

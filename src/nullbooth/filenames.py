@@ -38,6 +38,7 @@ ADAPTER_CONFIG = "nullbooth_adapter_config.json"
 LEGACY_ADAPTER_CONFIG = "adapter_config.json"  # written by nullbooth 0.1.0; peft owns that name
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 CONCEPT_FILE = "perfusion_concept.safetensors"
+SUBJECT_CONCEPT_FILE = "perfusion_concept_{}.safetensors"  # subject i of a several-subject Perfusion run
 PERFUSION_CONFIG = "perfusion_config.json"
 TRAIN_REPORT = "train_report.json"
 TRAIN_REPORT_HTML = "train_report.html"
@@ -49,6 +50,7 @@ CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_TENSORS = "state.safetensors"
 CHECKPOINT_RNG = "rng-{rank}.safetensors"  # one per process, inside checkpoint-<step>/
 FULL_UNET_DIR = "unet"  # dreambooth's whole fine-tuned UNet (diffusers' subfolder name)
+FULL_TEXT_ENCODER_DIR = "text_encoder"  # dreambooth + train_text_encoder: the whole fine-tuned text encoder
 VALIDATION_DIR = "validation"  # validation grids, step-<step>.png
 GENERATE_IMAGES_DIR = "images"  # nullbooth generate: <out>/images/, one PNG per (prompt, seed)
 

@@ -1,8 +1,9 @@
 """``nullbooth generate``: the base model, alone or with a trained personalisation, prompts × seeds → images + grids.
 
 What a training ``output_dir`` holds decides how it is loaded: a nullbooth adapter
-(``nullbooth_adapter_config.json`` + ``nullbooth_adapter.safetensors``) is injected exactly; a dreambooth
-``unet/`` folder replaces the UNet; a diffusers LoRA (``pytorch_lora_weights.safetensors``, ours or
+(``nullbooth_adapter_config.json`` + ``nullbooth_adapter.safetensors``) is injected exactly, with the text
+encoder's LoRA from its LoRA file when it was trained; a dreambooth ``unet/`` folder replaces the UNet, and a
+``text_encoder/`` folder beside it the text encoder; a diffusers LoRA (``pytorch_lora_weights.safetensors``, ours or
 anyone's) goes through plain ``pipe.load_lora_weights``; Perfusion concept files (with ``--concept``
 for more, ``--beta``/``--tau`` for the gate) are attached by :mod:`nullbooth.methods.perfusion.method`. Without
 ``generate.adapter``, ``output_dir`` is used when it holds a result, else the base model is sampled alone.
@@ -29,6 +30,7 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    FULL_TEXT_ENCODER_DIR,
     FULL_UNET_DIR,
     GENERATE_IMAGES_DIR,
     LORA_WEIGHTS,
@@ -36,6 +38,7 @@ from nullbooth.filenames import (
 )
 from nullbooth.io import read_json, write_image
 from nullbooth.methods.adapter_files import load_adapter
+from nullbooth.methods.lora_export import TEXT_ENCODER
 from nullbooth.methods.perfusion.method import find_concept_files, load_perfusion_personalization
 from nullbooth.models import check_pickled_weights, load_pipeline
 from nullbooth.prompts import read_prompt_file
@@ -105,7 +108,7 @@ def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 def _lora_expectations(pipe, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
     """For every peft/diffusers-style LoRA tensor, the shape ``pipe`` needs (``None``: no such layer in ``pipe``).
     Keys of other layouts (kohya, attention processors) are left to diffusers."""
-    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    parts = {"unet": pipe.unet, TEXT_ENCODER: pipe.text_encoder}
     out: dict[str, tuple[int, ...] | None] = {}
     for key, shape in shapes.items():
         prefix, _, rest = key.partition(".")
@@ -113,6 +116,8 @@ def _lora_expectations(pipe, shapes: dict[str, tuple[int, ...]]) -> dict[str, tu
         if prefix not in parts or side is None or ".processor." in rest:
             continue
         module_path = rest[: -len(next(s for s in _LORA_SIDES if rest.endswith(s)))]
+        if prefix == TEXT_ENCODER and not hasattr(pipe.text_encoder, "text_model"):
+            module_path = module_path.removeprefix("text_model.")  # transformers ≥ 5 flattens CLIPTextModel
         try:
             weight = parts[prefix].get_submodule(module_path).weight
         except AttributeError:
@@ -136,16 +141,41 @@ def _adapter_expectations(pipe, config: dict) -> tuple[dict[str, tuple[int, ...]
     return got, need
 
 
+def _full_expectations(model, where: Path, loader: str) -> tuple[dict[str, tuple[int, ...]],
+                                                                  dict[str, tuple[int, ...] | None]]:
+    """The tensor shapes of a saved whole model (``unet/``, ``text_encoder/``) and what ``model`` has under those
+    names (``None``: nothing). ``text_model.`` is dropped on both sides: transformers ≥ 5 flattens CLIPTextModel
+    and its loader maps either spelling."""
+    check_pickled_weights(where, loader)
+    got = {k.removeprefix("text_model."): v for k, v in _header_shapes(sorted(where.glob("*.safetensors"))).items()}
+    need: dict[str, tuple[int, ...] | None] = {k.removeprefix("text_model."): tuple(v.shape)
+                                               for k, v in model.state_dict().items()}
+    need.update({k: None for k in got if k not in need})
+    return got, need
+
+
+def _trains_encoder(folder: Path) -> bool:
+    """Whether the nullbooth adapter in ``folder`` was trained with the text encoder's LoRA (in its LoRA file)."""
+    return bool(read_json(folder / ADAPTER_CONFIG, "an adapter config").get("train_text_encoder"))
+
+
 def check_fits(pipe, kind: str | None, where: Path, model: str) -> None:
-    """Refuse, before anything is loaded, an adapter, dreambooth UNet or LoRA whose tensors do not fit ``pipe``: one
-    line naming the first tensor, the shape this model needs, the shape it has, and the model it was trained on."""
+    """Refuse, before anything is loaded, an adapter, dreambooth UNet (and text encoder) or LoRA whose tensors do not
+    fit ``pipe``: one line naming the first tensor, the shape this model needs, the shape it has, and the model it
+    was trained on."""
     if kind == "nullbooth":
         got, need = _adapter_expectations(pipe, read_json(where / ADAPTER_CONFIG, "an adapter config"))
+        if _trains_encoder(where):
+            shapes = {k: v for k, v in _header_shapes([where / LORA_WEIGHTS]).items() if k.startswith(TEXT_ENCODER)}
+            got.update(shapes)
+            need.update(_lora_expectations(pipe, shapes))
     elif kind == "dreambooth":
-        check_pickled_weights(where, "UNet2DConditionModel")
-        got = _header_shapes(sorted(where.glob("*.safetensors")))
-        need: dict[str, tuple[int, ...] | None] = {k: tuple(v.shape) for k, v in pipe.unet.state_dict().items()}
-        need.update({k: None for k in got if k not in need})
+        got, need = _full_expectations(pipe.unet, where, "UNet2DConditionModel")
+        encoder = where.parent / FULL_TEXT_ENCODER_DIR
+        if encoder.is_dir():
+            te_got, te_need = _full_expectations(pipe.text_encoder, encoder, type(pipe.text_encoder).__name__)
+            got.update({f"{TEXT_ENCODER}.{k}": v for k, v in te_got.items()})
+            need.update({f"{TEXT_ENCODER}.{k}": v for k, v in te_need.items()})
     elif kind == "lora":
         got = _header_shapes([where])
         need = _lora_expectations(pipe, got)
@@ -175,12 +205,18 @@ def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | Non
     check_fits(pipe, kind, where, model or getattr(pipe, "name_or_path", None) or "this model")
     if kind == "nullbooth":
         load_adapter(pipe.unet, where)
+        if _trains_encoder(where):
+            _load_encoder_lora(pipe, where / LORA_WEIGHTS)
         return "nullbooth"
     if kind == "dreambooth":
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(where, dtype=pipe.unet.dtype, use_safetensors=True)
         pipe.unet = unet.to(pipe.unet.device)
+        encoder = where.parent / FULL_TEXT_ENCODER_DIR
+        if encoder.is_dir():  # train_text_encoder: the whole fine-tuned encoder
+            old = pipe.text_encoder
+            pipe.text_encoder = type(old).from_pretrained(encoder, use_safetensors=True).to(old.device, old.dtype)
         return "dreambooth"
     if kind == "lora":
         pipe.load_lora_weights(str(where.parent), weight_name=where.name, use_safetensors=True)
@@ -192,6 +228,19 @@ def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | Non
         f"folder, no diffusers LoRA ({LORA_WEIGHTS}) and no Perfusion concept file; point --adapter at a training "
         "output_dir"
     )
+
+
+def _load_encoder_lora(pipe, file: Path) -> None:
+    """The ``text_encoder.`` part of a diffusers LoRA file into ``pipe.text_encoder``, through diffusers' own loader
+    (the UNet part is nullbooth's exact adapter, already injected)."""
+    if not file.is_file():
+        raise NullBoothError(f"adapter: the nullbooth adapter in {file.parent} was trained with train_text_encoder and "
+                             f"its text-encoder LoRA lives in {file.name}, which is missing; copy the whole training "
+                             "output_dir")
+    state, alphas = pipe.lora_state_dict(str(file.parent), weight_name=file.name, use_safetensors=True)
+    # No metadata needed: rank from the shapes, α = r (scale 1) is what diffusers assumes without alphas.
+    pipe.load_lora_into_text_encoder({k: v for k, v in state.items() if k.startswith(f"{TEXT_ENCODER}.")}, alphas,
+                                     pipe.text_encoder, _pipeline=pipe)
 
 
 def check_output_dir(path: Path, what: str) -> None:
@@ -225,6 +274,9 @@ def resolve_prompts(cfg: Config, folder: Path | None) -> list[str]:
     for key in ("validation_prompt", "instance_prompt"):
         if source.get(key):
             return [source[key]]
+    subject_prompts = [s["instance_prompt"] for s in source.get("subjects") or [] if s.get("instance_prompt")]
+    if subject_prompts:  # several subjects: one prompt each
+        return subject_prompts
     raise NullBoothError("generate: expected at least one prompt, got none; pass --prompt TEXT (repeatable), "
                          "--prompts FILE or set generate.prompts")
 

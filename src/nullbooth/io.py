@@ -143,7 +143,32 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {})))
+    """A safetensors file whose bytes depend only on its content (see :func:`_sort_metadata`)."""
+    def write(tmp: str) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        _sort_metadata(tmp)
+
+    _atomic(path, write)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors serialises the metadata from a hash map, so two writes of one file can order its keys
+    differently; with them sorted, identical runs write identical bytes. The compact JSON keeps its length, and
+    the header is space-padded anyway, so no data offset moves.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        meta = header.get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            fh.seek(8)
+            fh.write(text.ljust(size, b" "))
 
 
 def link_or_copy(source: Path, target: Path) -> None:

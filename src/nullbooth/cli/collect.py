@@ -5,23 +5,35 @@ from __future__ import annotations
 import argparse
 import os
 
-from nullbooth.cli.common import add_common, overrides
+from nullbooth.cli.common import add_common, add_key_flag, overrides
+from nullbooth.cli.flags import add_block_flags, add_field_flag
+from nullbooth.config import Config, NullBoothBlock
 from nullbooth.errors import NullBoothError
 
 STORAGE_CHOICES = ("float32", "float16", "eigh")
-COLLECT_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed", "prompts": "nullbooth.original_knowledge_prompts",
-                 "output": "nullbooth.cov_matrices_output_dir", "steps": "nullbooth.num_denoising_steps",
-                 "storage": "nullbooth.storage"}
+COLLECT_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed"}
+PROMPTS, OUTPUT = "nullbooth.original_knowledge_prompts", "nullbooth.cov_matrices_output_dir"
 
 
 def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     """The ``collect`` flags this module handles (add them to the ``collect`` sub-parser)."""
+    add_key_flag(p, "--prompts", PROMPTS, help=f"prompt file ({PROMPTS})")
+    add_key_flag(p, "--output", OUTPUT, help=OUTPUT)
+    add_key_flag(p, "--steps", "nullbooth.num_denoising_steps", type=int, help="nullbooth.num_denoising_steps")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new run even if a matching (complete, partial or damaged) one exists; that one is "
+                        "left as it is")
     p.add_argument("--extend", metavar="RUN_DIR",
                    help="add the prompts of --prompts to this complete run (a new run equal to one on the union)")
     p.add_argument("--prompt-offset", type=int, metavar="N", dest="prompt_offset",
                    help="number this file's prompts from global index N (seed + N + i), so the run can later be "
                         "merged into one equal to a run of the whole list")
-    p.add_argument("--storage", choices=STORAGE_CHOICES, help="nullbooth.storage (how per-timestep matrices are stored)")
+    add_key_flag(p, "--storage", "nullbooth.storage", choices=STORAGE_CHOICES,
+                 help="nullbooth.storage (how per-timestep matrices are stored)")
+    group = p.add_argument_group("nullbooth (null-space) settings", "the nullbooth: block of a config file as "
+                                 "--nullbooth.KEY (the flags above set some of the same keys)")
+    add_field_flag(group, "resolution", Config.model_fields["resolution"])
+    add_block_flags(group, NullBoothBlock, "nullbooth")
 
 
 def _is_main_process() -> bool:
@@ -34,16 +46,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if getattr(args, "extend", None):
         from nullbooth.runs.merge import extend
 
-        if not args.prompts:
+        # With --extend, --prompts are the prompts to add and --output where the new run goes, not config keys.
+        prompts, output = flags.pop(PROMPTS, None), flags.pop(OUTPUT, None)
+        if not prompts:
             raise NullBoothError("--extend RUN_DIR needs --prompts NEW.txt (the prompts to add)")
         if args.config:
             raise NullBoothError("--extend takes the model and settings from RUN_DIR; drop --config (storage options "
-                                 "can be set with --storage or --set nullbooth.KEY=VALUE)")
+                                 "can be set with --storage or --nullbooth.KEY VALUE)")
         if getattr(args, "prompt_offset", None) is not None:
             raise NullBoothError("--extend numbers the new prompts after the run's own; drop --prompt-offset")
-        for taken in ("nullbooth.original_knowledge_prompts", "nullbooth.cov_matrices_output_dir"):
-            flags.pop(taken, None)
-        run_dir = extend(args.extend, args.prompts, output_dir=args.output, overrides=flags, fresh=args.fresh)
+        run_dir = extend(args.extend, prompts, output_dir=output, overrides=flags, fresh=args.fresh)
     else:
         from nullbooth.config import load_config
         from nullbooth.report.observers import collection_observers
@@ -73,14 +85,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     """Add ``collect`` and ``merge`` to ``nullbooth``'s sub-parsers."""
-    p = subparsers.add_parser("collect", help="collect prior-knowledge statistics of the cross-attention layers")
+    p = subparsers.add_parser("collect", help="collect prior-knowledge statistics of the cross-attention layers",
+                              usage="%(prog)s [--config FILE] [--prompts FILE] [--output DIR] [--KEY VALUE]… "
+                                    "[--set KEY=VALUE]…")
     add_common(p)
-    p.add_argument("--prompts", help="prompt file (nullbooth.original_knowledge_prompts)")
-    p.add_argument("--output", help="nullbooth.cov_matrices_output_dir")
-    p.add_argument("--steps", type=int, help="nullbooth.num_denoising_steps")
-    p.add_argument("--fresh", action="store_true",
-                   help="start a new run even if a matching (complete, partial or damaged) one exists; that one is "
-                        "left as it is")
     add_collect_arguments(p)
     p.set_defaults(func=cmd_collect)
 

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from nullbooth.cli.common import add_common, overrides, parse_seeds
+from nullbooth.cli.common import add_common, add_key_flag, overrides, parse_seeds
+from nullbooth.cli.flags import add_block_flags
+from nullbooth.config import GenerateBlock
 
-GENERATE_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed", "adapter": "generate.adapter",
-                  "prompt": "generate.prompts", "prompts": "generate.prompts_file", "seeds": "generate.seeds",
-                  "steps": "generate.num_inference_steps", "guidance": "generate.guidance_scale",
-                  "out": "generate.out_dir", "compare_base": "generate.compare_base",
-                  "batch_size": "generate.batch_size", "num_images_per_prompt": "generate.num_images_per_prompt",
-                  "scheduler": "generate.scheduler",
-                  "concept": "perfusion.concepts", "beta": "perfusion.eval_beta", "tau": "perfusion.eval_tau"}
+GENERATE_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from nullbooth.config import load_config
     from nullbooth.generate import generate
 
-    if not args.compare_base:
-        args.compare_base = None  # leave the config's value alone unless the flag is given
     cfg = load_config(args.config, overrides(args, GENERATE_FLAGS))
     for path in generate(cfg):
         print(path)
@@ -42,27 +36,35 @@ no image (beyond float round-off), and --num-images-per-prompt K --seed S draws 
 def register_cli(subparsers) -> None:
     """Add the ``generate`` verb to ``nullbooth``'s sub-parsers."""
     p = subparsers.add_parser("generate", help="sample the base model (+ a trained adapter) into images and grids",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              usage="%(prog)s [--config FILE] [--adapter DIR] [--prompt TEXT]… [--KEY VALUE]… "
+                                    "[--set KEY=VALUE]…")
     add_common(p)
-    p.add_argument("--adapter", help="a training output_dir (nullbooth adapter, dreambooth unet/ or diffusers LoRA); "
-                   "default: output_dir when it holds one, else the base model alone")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="a file with one prompt per line")
+    add_key_flag(p, "--adapter", "generate.adapter", help="a training output_dir (nullbooth adapter, dreambooth "
+                 "unet/ or diffusers LoRA); default: output_dir when it holds one, else the base model alone")
+    add_key_flag(p, "--prompt", "generate.prompts", action="append", help="a prompt (repeatable)")
+    add_key_flag(p, "--prompts", "generate.prompts_file", help="a file with one prompt per line")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds, e.g. 0,1,2,3 (default 0,1,2,3)")
-    seeds.add_argument("--num-images-per-prompt", dest="num_images_per_prompt", type=int, metavar="K",
-                       help="K images per prompt with seeds --seed, --seed+1, …, --seed+K-1 (replaces the seeds "
-                       "of the config)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N",
-                   help="images per pipeline call, prompts × seeds flattened (default 8; lower it if memory runs out)")
-    p.add_argument("--scheduler", metavar="NAME",
-                   help="a diffusers scheduler class, e.g. DPMSolverMultistepScheduler (default: the model's own)")
-    p.add_argument("--steps", type=int, help="sampling steps")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    p.add_argument("--out", help="output folder (default <adapter or output_dir>/samples)")
-    p.add_argument("--compare-base", dest="compare_base", action="store_true",
-                   help="also sample the base model and write both side by side")
-    p.add_argument("--concept", action="append", help="another Perfusion concept file (repeatable: several concepts)")
-    p.add_argument("--beta", type=float, help="Perfusion gate bias β at inference (lower: more of the concept)")
-    p.add_argument("--tau", type=float, help="Perfusion gate temperature τ at inference")
+    add_key_flag(seeds, "--seeds", "generate.seeds", type=parse_seeds,
+                 help="comma-separated seeds, e.g. 0,1,2,3 (default 0,1,2,3)")
+    add_key_flag(seeds, "--num-images-per-prompt", "generate.num_images_per_prompt", type=int, metavar="K",
+                 help="K images per prompt with seeds --seed, --seed+1, …, --seed+K-1 (replaces the seeds of the "
+                 "config)")
+    add_key_flag(p, "--batch-size", "generate.batch_size", type=int, metavar="N",
+                 help="images per pipeline call, prompts × seeds flattened (default 8; lower it if memory runs out)")
+    add_key_flag(p, "--scheduler", "generate.scheduler", metavar="NAME",
+                 help="a diffusers scheduler class, e.g. DPMSolverMultistepScheduler (default: the model's own)")
+    add_key_flag(p, "--steps", "generate.num_inference_steps", type=int, help="sampling steps")
+    add_key_flag(p, "--guidance", "generate.guidance_scale", type=float, help="classifier-free guidance scale")
+    add_key_flag(p, "--out", "generate.out_dir", help="output folder (default <adapter or output_dir>/samples)")
+    add_key_flag(p, "--compare-base", "generate.compare_base", action="store_true",
+                 help="also sample the base model and write both side by side")
+    add_key_flag(p, "--concept", "perfusion.concepts", action="append",
+                 help="another Perfusion concept file (repeatable: several concepts)")
+    add_key_flag(p, "--beta", "perfusion.eval_beta", type=float,
+                 help="Perfusion gate bias β at inference (lower: more of the concept)")
+    add_key_flag(p, "--tau", "perfusion.eval_tau", type=float, help="Perfusion gate temperature τ at inference")
+    group = p.add_argument_group("generate settings", "the generate: block of a config file as --generate.KEY (the "
+                                 "flags above set the same keys);\nvalues are read as YAML, e.g. --generate.seeds [0,1]")
+    add_block_flags(group, GenerateBlock, "generate")
     p.set_defaults(func=cmd_generate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import logging
 import os
@@ -38,10 +39,42 @@ _HINTS = {
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse's usage errors as one line like every other error (its default prints the usage block first)."""
+    """argparse's usage errors as one line like every other error (its default prints the usage block first).
+
+    Flags are never abbreviated (a typo must not silently match a longer flag), and an unknown one is named with
+    the verb's closest flag: ``nullbooth train: error: unrecognized argument --lerning_rate; did you mean
+    --learning_rate? see nullbooth train --help``. Sub-parsers are made by this class too.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._verbs: argparse.Action | None = None
+
+    def add_subparsers(self, **kwargs):
+        self._verbs = super().add_subparsers(**kwargs)
+        return self._verbs
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # a verb's parser leaves its unknown arguments to this one: blame that verb's flags
+            verb = getattr(parsed, self._verbs.dest, None) if self._verbs is not None else None
+            parser = self._verbs.choices[verb] if verb is not None else self
+            parser.error(unrecognized(parser, extras))
+        return parsed
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        self.exit(2, f"{self.prog}: error: {message}{' ' if message.endswith('?') else '; '}see {self.prog} --help\n")
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """``unrecognized argument --lerning_rate; did you mean --learning_rate?`` (difflib over the parser's flags)."""
+    unknown = [x.split("=", 1)[0] for x in extras if x.startswith("-")] or extras[:1]  # the rest: their values
+    name = unknown[0]
+    more = f" (also {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+    flags = [f for f in parser._option_string_actions if f.startswith("--")]  # noqa: SLF001 — no public listing
+    close = difflib.get_close_matches(name, flags, n=1) if name.startswith("-") else []
+    return f"unrecognized argument {name}{more}" + (f"; did you mean {close[0]}?" if close else "")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,13 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 
-from nullbooth.cli.common import add_common, overrides
+from nullbooth.cli.common import add_config_source, overrides
+from nullbooth.cli.flags import add_config_flags
+from nullbooth.config import FLAG_GROUPS, Config
 
-TRAIN_FLAGS = {"model": "pretrained_model_name_or_path", "seed": "seed", "method": "method",
-               "instance_data_dir": "instance_data_dir", "instance_prompt": "instance_prompt",
-               "class_prompt": "class_prompt", "output_dir": "output_dir", "max_train_steps": "max_train_steps",
-               "learning_rate": "learning_rate", "resume_from_checkpoint": "resume_from_checkpoint",
-               "overwrite": "overwrite"}
+# Other spellings of a key: our --model, and diffusers' LoRA scripts' --rank for lora_rank.
+ALIASES = {"pretrained_model_name_or_path": ("--model",), "lora_rank": ("--rank",)}
+
+DESCRIPTION = """\
+Personalise the model on instance images. Every config key is a flag spelled as the key (diffusers'
+train_dreambooth.py names), e.g.
+  nullbooth train --instance_data_dir dog/ --instance_prompt "a photo of sks dog" --method nullbooth
+--config FILE is optional; flags win over it, --set KEY=VALUE over both.
+
+true/false keys: --KEY on, --no-KEY (or --no_KEY) off. Text keys take the text verbatim; other values are
+read as YAML: --learning_rate 1e-4, --resolution null (unset), --nullbooth.cross_attention_layers [0,2].
+A block's keys are dotted: --nullbooth.leakage_budget 0.1, --perfusion.concept_token '<x>'. Several
+subjects: --subjects '[{instance_data_dir: a/, instance_prompt: a photo of sks dog}, …]'.
+Aliases: --model for --pretrained_model_name_or_path, --rank for --lora_rank (diffusers' LoRA scripts)."""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -19,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nullbooth.training.loop import train
     from nullbooth.training.report import format_report
 
-    cfg = load_config(args.config, overrides(args, TRAIN_FLAGS))
+    cfg = load_config(args.config, overrides(args))
     report = train(cfg)
     if report:
         print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -28,17 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     """Add the ``train`` verb to ``nullbooth``'s sub-parsers."""
-    p = subparsers.add_parser("train", help="personalise the model on instance images (nullbooth, dreambooth, lora)")
-    add_common(p)
-    p.add_argument("--method", choices=["nullbooth", "dreambooth", "lora", "perfusion"])
-    p.add_argument("--instance_data_dir")
-    p.add_argument("--instance_prompt")
-    p.add_argument("--class_prompt")
-    p.add_argument("--output_dir")
-    p.add_argument("--max_train_steps", type=int)
-    p.add_argument("--learning_rate", type=float)
-    p.add_argument("--resume_from_checkpoint", help="a checkpoint folder or 'latest'")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="output_dir holds an earlier run: delete its result and checkpoints, then train anew")
+    p = subparsers.add_parser("train", help="personalise the model on instance images (nullbooth, dreambooth, lora)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              usage="%(prog)s [--config FILE] [--KEY VALUE | --KEY | --no-KEY]… [--set KEY=VALUE]…")
+    add_config_source(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    add_config_flags(p, Config, FLAG_GROUPS, ALIASES)
     p.set_defaults(func=cmd_train)

@@ -40,6 +40,8 @@ def _leaves(annotation: Any) -> set:
 def _describe(annotation: Any) -> str:
     """How a field reads to a user: ``seed`` is "a number", ``nullbooth`` is "a block"."""
     leaves = _leaves(annotation) - {type(None)}
+    if list in leaves:  # subjects: a list of blocks is set as a whole, not key by key
+        return "a list"
     if any(isinstance(t, type) and issubclass(t, BaseModel) for t in leaves):
         return "a block"
     for kind, words in ((list, "a list"), (bool, "true/false"), (int, "a number"), (float, "a number"), (str, "text")):

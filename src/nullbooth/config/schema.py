@@ -52,7 +52,7 @@ class Config(_Block):
     nullbooth_update: Literal["adapter", "projected"] = Field(
         "adapter", description="adapter: ΔW = M Uᵀ (exact); projected: full weights, W ← W_old + (W_new − W_old) P")
     train_text_encoder: bool = Field(False, description="also train the text encoder (dreambooth: all of it; lora: "
-                                     "LoRA on its attention projections; nullbooth: unconstrained, see README)")
+                                     "LoRA on its attention projections; nullbooth: a LoRA outside the guarantee, see README)")
     text_encoder_lr: float | None = Field(None, gt=0.0, description="lr of the text encoder; default: learning_rate")
     lora_rank: int = Field(4, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="method lora: dropout of the LoRA branch (peft)")
@@ -205,18 +205,19 @@ def _subject_problems(cfg: Config) -> list[str]:
         if not cfg.instance_prompt or not cfg.instance_prompt.strip():
             problems.append("instance_prompt: expected a prompt with an identifier token (e.g. 'a photo of sks dog'), "
                             "got nothing")
-    for i, s in enumerate(cfg.subject_list()):
+    pairs = [(s.instance_prompt, s.class_prompt) for s in cfg.subjects] or [(cfg.instance_prompt, cfg.class_prompt)]
+    for i, (instance, klass) in enumerate(pairs):
         where = f"subjects.{i}." if cfg.subjects else ""
-        if not s.instance_prompt.strip():
+        if cfg.subjects and not instance.strip():
             problems.append(f"{where}instance_prompt: expected a prompt with an identifier token, got nothing")
-        if cfg.with_prior_preservation and not s.class_prompt:
+        if cfg.with_prior_preservation and not klass:
             problems.append(f"{where}class_prompt: with_prior_preservation needs a class prompt (e.g. 'a photo of "
                             "dog'); set it or turn with_prior_preservation off")
         # The identifier (a rare token such as "sks") is what the subject binds to: it must be in the
         # instance prompt and not in the class prompt, or prior preservation trains the class itself.
-        if s.class_prompt and s.instance_prompt.strip() and not _words(s.instance_prompt) - _words(s.class_prompt):
-            problems.append(f"{where}instance_prompt: {s.instance_prompt!r} has no identifier token that class_prompt "
-                            f"{s.class_prompt!r} lacks; add a rare token, e.g. {('sks ' + s.class_prompt)!r}")
+        if klass and instance and instance.strip() and not _words(instance) - _words(klass):
+            problems.append(f"{where}instance_prompt: {instance!r} has no identifier token that class_prompt "
+                            f"{klass!r} lacks; add a rare token, e.g. {('sks ' + klass)!r}")
     prompts = [s.instance_prompt for s in cfg.subjects]
     if len(set(prompts)) < len(prompts):
         problems.append("subjects: two subjects share one instance_prompt, so nothing tells them apart; give each "
@@ -229,6 +230,13 @@ def _option_problems(cfg: Config) -> list[str]:
     if cfg.lora_format == "kohya" and cfg.method == "perfusion":
         problems.append("lora_format: 'kohya' exports a LoRA, and Perfusion's gated rank-1 edits are not one; "
                         "use lora_format: diffusers with method perfusion")
+    if cfg.lora_format == "kohya" and cfg.use_dora:
+        problems.append("lora_format: 'kohya' has no DoRA magnitude vector, and use_dora is on; use lora_format: "
+                        "diffusers (plain diffusers loads its DoRA) or turn use_dora off")
+    if cfg.lora_format == "kohya" and cfg.method == "dreambooth" and cfg.train_text_encoder:
+        problems.append("lora_format: 'kohya' exports a LoRA, and dreambooth with train_text_encoder trains the whole "
+                        "text encoder, which no LoRA carries; use lora_format: diffusers (the result is unet/ and "
+                        "text_encoder/)")
     if cfg.train_text_encoder and cfg.method == "perfusion":
         problems.append("train_text_encoder: Perfusion trains only its concept token's embedding — its keys are "
                         "locked to the frozen encoder's superclass encoding; turn train_text_encoder off")

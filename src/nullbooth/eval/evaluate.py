@@ -11,7 +11,8 @@ the base, or a whole diffusers folder) renders the same prompts with the same ge
   alignment), the same-seed agreement of judged attributes, and the JSD of each attribute's histogram;
 * **subject fidelity** — embedding similarity of subject-prompt generations to the instance images
   (DreamBooth's DINO/CLIP-I score), and, with the judge, how often the judged shape/colour/pattern match
-  those of the instance images.
+  those of the instance images. With several subjects each subject's prompts are scored against its own
+  instance images (``subjects``, keyed by instance prompt), and ``subject`` holds their mean.
 
 Rendering is separated from scoring (:func:`render`, :func:`compare`, :func:`subject_scores`) so the
 method benchmark renders the base model once and scores many personalisations against it.
@@ -272,6 +273,50 @@ def subject_scores(generated: Rendered, instances: Sequence[Image.Image], extrac
     return out
 
 
+def mean_scores(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several subjects' :func:`subject_scores` in one: scores averaged, image counts summed (what each subject's
+    instance images look like is per subject and left out)."""
+    out: dict[str, Any] = {}
+    for key, value in scores[0].items():
+        if key in ("images", "instances"):
+            out[key] = sum(s[key] for s in scores)
+        elif isinstance(value, float):
+            out[key] = float(np.mean([s[key] for s in scores]))
+    return out
+
+
+@dataclass(frozen=True)
+class EvalSubject:
+    """One subject of a several-subject training output: its prompts, scored against its own instance images."""
+
+    instance_prompt: str  # what the subject is reported under
+    instance_dir: str
+    prompts: tuple[str, ...]
+
+
+def split_rendered(rendered: Rendered, sizes: Sequence[int]) -> list[Rendered]:
+    """``rendered`` cut into consecutive groups of ``sizes`` prompts (one render call, several subjects)."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(Rendered(rendered.prompts[start:start + n], rendered.images[start:start + n]))
+        start += n
+    return out
+
+
+def subjects_report(subjects: Sequence[EvalSubject], instances: Sequence[Sequence[Image.Image]],
+                    base: Sequence[Rendered], personalized: Sequence[Rendered], extractor: FeatureExtractor,
+                    judge: Judge | None = None) -> dict[str, Any]:
+    """``subjects``: per subject, its prompts' fidelity to its own instance images for both models; ``subject``:
+    the mean over subjects (what the single-subject report holds)."""
+    entries = [{"instance_prompt": s.instance_prompt, "instance_dir": s.instance_dir, "prompts": list(s.prompts),
+                "base": subject_scores(b, images, extractor, judge),
+                "personalized": subject_scores(p, images, extractor, judge)}
+               for s, images, b, p in zip(subjects, instances, base, personalized)]
+    mean = {who: mean_scores([e[who] for e in entries]) for who in ("base", "personalized")}
+    return {"subjects": entries,
+            "subject": {"prompts": [p for s in subjects for p in s.prompts], "subjects": len(entries), **mean}}
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -285,8 +330,31 @@ class EvalRequest:
     attributes: bool | None = None  # None: on for models of the shapes world
     subject_prompts: list[str] = field(default_factory=list)
     instance_dir: str | None = None
+    subjects: list[EvalSubject] = field(default_factory=list)  # several subjects, instead of the two above
     k: int = 5
     output: str | None = None
+
+
+def requested_subjects(req: EvalRequest) -> tuple[list[EvalSubject], list[list[Image.Image]]]:
+    """The subjects to score and their instance images (read before any image is drawn); one subject from
+    ``instance_dir`` + ``subject_prompts``, or ``req.subjects``."""
+    if req.subjects and (req.instance_dir or req.subject_prompts):
+        raise NullBoothError("evaluate: got several subjects and also one instance folder or subject prompts; pass "
+                             "one or the other")
+    empty = [s.instance_prompt for s in req.subjects if not s.prompts]
+    if empty:
+        raise NullBoothError(f"evaluate: subject {empty[0]!r} has no prompt to score; give each subject at least one")
+    if req.subjects:
+        return list(req.subjects), [[im for _, im in read_image_folder(s.instance_dir, f"instance_dir of subject "
+                                                                         f"{s.instance_prompt!r}")]
+                                    for s in req.subjects]
+    if not req.instance_dir:
+        return [], []
+    if not req.subject_prompts:
+        raise NullBoothError("evaluate: instance images were given but no subject prompt; pass --subject-prompt "
+                             "'a sks star' (repeatable) or --subject-prompts FILE")
+    images = [im for _, im in read_image_folder(req.instance_dir, "instance_dir")]
+    return [EvalSubject("", req.instance_dir, tuple(req.subject_prompts))], [images]
 
 
 def evaluate(req: EvalRequest) -> dict[str, Any]:
@@ -304,10 +372,8 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
     extractor = load_feature_extractor(req.features)  # bad folders fail before any image is drawn
     use_attributes = is_world_model(req.base) if req.attributes is None else req.attributes
     judge = (extractor if isinstance(extractor, Judge) else load_judge()) if use_attributes else None
-    instances = [im for _, im in read_image_folder(req.instance_dir, "instance_dir")] if req.instance_dir else []
-    if instances and not req.subject_prompts:
-        raise NullBoothError("evaluate: instance images were given but no subject prompt; pass --subject-prompt "
-                             "'a sks star' (repeatable) or --subject-prompts FILE")
+    subjects, instances = requested_subjects(req)
+    subject_prompts = [p for subject in subjects for p in subject.prompts]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(req.base, device=device)
@@ -317,7 +383,7 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
     if found:
         check_fits(pipe, *found, req.base)  # before the base images are drawn
     base = render(pipe, req.prompts, req.sampling)
-    base_subject = render(pipe, req.subject_prompts, req.sampling) if instances else None
+    base_subject = render(pipe, subject_prompts, req.sampling) if subjects else None
     if kind == "model":
         del pipe
         pipe = load_pipeline(str(pers_path), device=device)
@@ -333,13 +399,12 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
         "prompts": len(req.prompts),
     }
     report.update(compare(base, pers, extractor, judge, req.k))
-    if instances:
-        pers_subject = render(pipe, req.subject_prompts, req.sampling)
-        report["subject"] = {
-            "prompts": req.subject_prompts,
-            "base": subject_scores(base_subject, instances, extractor, judge),
-            "personalized": subject_scores(pers_subject, instances, extractor, judge),
-        }
+    if subjects:
+        sizes = [len(subject.prompts) for subject in subjects]
+        scored = subjects_report(subjects, instances, split_rendered(base_subject, sizes),
+                                 split_rendered(render(pipe, subject_prompts, req.sampling), sizes), extractor, judge)
+        report.update(scored if req.subjects else {"subject": {k: scored["subjects"][0][k]
+                                                               for k in ("prompts", "base", "personalized")}})
     if req.output:
         write_report(Path(req.output), report, base, pers)
     return report
@@ -377,15 +442,7 @@ def to_markdown(report: dict[str, Any], max_prompts: int = 50) -> str:
         lines.append(f"| all stated | {_fmt(attrs['base'].get('all'))} | {_fmt(attrs['personalized'].get('all'))} "
                      "| | |")
         lines.append("")
-    subject = report.get("subject")
-    if subject:
-        keys = [k for k in subject["personalized"] if k not in ("images", "instances") and not k.startswith("instance_")]
-        lines += ["## Subject fidelity", "", f"{len(subject['prompts'])} subject prompt(s), "
-                  f"{subject['personalized']['instances']} instance image(s).", "",
-                  "| model | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
-        for who in ("base", "personalized"):
-            lines.append(f"| {who} | " + " | ".join(_fmt(subject[who].get(k)) for k in keys) + " |")
-        lines.append("")
+    lines += _subject_markdown(report)
     rows = report["per_prompt"][:max_prompts]
     has_acc = rows and "base_accuracy" in rows[0]
     lines += ["## Per prompt", "", "| prompt | paired RMSE |" + (" base acc | personalised acc |" if has_acc else ""),
@@ -396,6 +453,31 @@ def to_markdown(report: dict[str, Any], max_prompts: int = 50) -> str:
     if len(report["per_prompt"]) > max_prompts:
         lines.append(f"\n({len(report['per_prompt']) - max_prompts} more prompts in evaluation.json)")
     return "\n".join(lines) + "\n"
+
+
+def _subject_markdown(report: dict[str, Any]) -> list[str]:
+    """Subject fidelity: base and personalised; with several subjects their mean, then one row per subject."""
+    subject = report.get("subject")
+    if not subject:
+        return []
+    keys = [k for k in subject["personalized"] if k not in ("images", "instances") and not k.startswith("instance_")]
+    several = report.get("subjects") or []
+    mean = f", the mean over {len(several)} subjects (each scored against its own instance images)" if several else ""
+    lines = ["## Subject fidelity", "", f"{len(subject['prompts'])} subject prompt(s), "
+             f"{subject['personalized']['instances']} instance image(s){mean}.", "",
+             "| model | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+    for who in ("base", "personalized"):
+        lines.append(f"| {who} | " + " | ".join(_fmt(subject[who].get(k)) for k in keys) + " |")
+    lines.append("")
+    if several:
+        lines += ["| subject (instance prompt) | instance images | " + " | ".join(f"{k}, base → personalised"
+                                                                          for k in keys) + " |",
+                  "|" + " --- |" * (len(keys) + 2)]
+        for e in several:
+            lines.append(f"| {e['instance_prompt']} | {e['personalized']['instances']} | " + " | ".join(
+                f"{_fmt(e['base'].get(k))} → {_fmt(e['personalized'].get(k))}" for k in keys) + " |")
+        lines.append("")
+    return lines
 
 
 def write_report(folder: Path, report: dict[str, Any], base: Rendered, personalized: Rendered) -> list[Path]:

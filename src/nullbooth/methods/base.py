@@ -13,8 +13,13 @@ like with like:
 :mod:`nullbooth.methods.registry` maps the config's ``method`` name to the class. The loop only talks to
 :class:`Method`: ``prepare`` (mutate the pipeline, return optimizer parameter groups), ``context``
 (entered around the loop), ``encode_prompt``, ``loss`` (the instance term), ``after_step``,
-``penalty``, ``checkpoint_state``/``load_checkpoint_state``, ``weight_changes`` (for the leakage report), ``report``
-and ``save``.
+``penalty``, ``checkpoint_state``/``load_checkpoint_state``, ``weight_changes`` (for the leakage report), ``report``,
+``unprotected`` and ``save``.
+
+``train_text_encoder`` (diffusers' flag) adds the text encoder, in its own optimizer group ``{"name":
+"text_encoder"}`` at ``text_encoder_lr``: dreambooth trains all of it (diffusers' ``train_dreambooth.py``), lora and
+nullbooth a LoRA of rank ``lora_rank`` on its self-attention projections (diffusers' ``train_dreambooth_lora.py``),
+:meth:`Method.text_encoder_lora`. No method constrains it; nullbooth says so in ``unprotected``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from nullbooth.methods.lora_export import export_kohya_lora
 from nullbooth.stats.capture import cross_attention_layers
 
 ParamGroups = list[dict[str, Any]]
+TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")  # a CLIP self-attention's projections
 WeightChanges = dict[str, tuple[torch.Tensor, torch.Tensor]]  # target path → (ΔW, W₀), both [out, in]
 
 
@@ -41,14 +47,20 @@ WeightChanges = dict[str, tuple[torch.Tensor, torch.Tensor]]  # target path → 
 
 
 class Method:
-    """Strategy base class. Subclasses set ``name``/``default_lr`` and implement ``prepare`` and ``save``."""
+    """Strategy base class. Subclasses set ``name``/``default_lr`` and implement ``prepare`` and ``save``.
+
+    ``trains_text_encoder`` (per instance) is the class's value — a method that always trains part of the encoder
+    (Perfusion's concept embedding) sets ``True`` — or else the config's ``train_text_encoder``; the loop then
+    encodes token ids every step through :meth:`encode_prompt`.
+    """
 
     name: ClassVar[str] = ""
     default_lr: ClassVar[float] = 5e-6
-    trains_text_encoder: ClassVar[bool] = False
+    trains_text_encoder: bool = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.trains_text_encoder = type(self).trains_text_encoder or cfg.train_text_encoder
         self.pipe = None
         self.stats_run: Path | None = None  # the collection run whose statistics the report (and nullbooth) use
         self.targets: dict[str, nn.Linear] = {}
@@ -56,6 +68,10 @@ class Method:
     @property
     def lr(self) -> float:
         return self.cfg.learning_rate if self.cfg.learning_rate is not None else self.default_lr
+
+    @property
+    def text_encoder_lr(self) -> float:
+        return self.cfg.text_encoder_lr if self.cfg.text_encoder_lr is not None else self.lr
 
     # -- set-up
 
@@ -68,6 +84,36 @@ class Method:
         for part in (pipe.unet, pipe.vae, pipe.text_encoder):
             part.requires_grad_(False)
         self.targets = adapter_targets(pipe.unet, self.layers(pipe), self.features())
+
+    def text_encoder_full(self, pipe) -> dict[str, Any]:
+        """Every text-encoder parameter trainable (diffusers' DreamBooth); its optimizer group."""
+        pipe.text_encoder.requires_grad_(True)
+        pipe.text_encoder.train()
+        return {"params": list(pipe.text_encoder.parameters()), "lr": self.text_encoder_lr, "name": "text_encoder"}
+
+    def text_encoder_lora(self, pipe, *, dropout: float = 0.0, dora: bool = False) -> dict[str, Any]:
+        """peft LoRA (rank ``lora_rank``, ``α = r``) on the ``q/k/v/out_proj`` of every self-attention of the text
+        encoder, as diffusers' ``train_dreambooth_lora.py``; its optimizer group. The encoder is put in train mode
+        (LoRA dropout) and the factors drawn from the config's seed, as for the UNet's LoRA."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        encoder = pipe.text_encoder
+        # Structural: the modules that hold all four projections, whatever the encoder's nesting.
+        targets = [f"{path}.{p}" for path, m in encoder.named_modules()
+                   if all(isinstance(getattr(m, p, None), nn.Linear) for p in TEXT_ATTENTION) for p in TEXT_ATTENTION]
+        if not targets:
+            raise NullBoothError(f"train_text_encoder: expected a CLIP text encoder with self-attention "
+                                 f"{'/'.join(TEXT_ATTENTION)} projections, got {type(encoder).__name__} without any; "
+                                 "turn train_text_encoder off for this model")
+        config = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank, lora_dropout=dropout, use_dora=dora,
+                            init_lora_weights="gaussian", target_modules=targets)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed + 1)  # + 1: not the UNet LoRA's draws
+            # peft's own injector: transformers' add_adapter demands a newer peft than diffusers does.
+            inject_adapter_in_model(config, encoder)
+        encoder.train()
+        return {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": self.text_encoder_lr,
+                "name": "text_encoder"}
 
     def layers(self, pipe) -> list:
         return cross_attention_layers(pipe.unet, self.cfg.nullbooth.cross_attention_layers)
@@ -134,6 +180,11 @@ class Method:
     def report(self) -> dict[str, dict[str, Any]]:
         """Per target path: method-specific facts (null dims, ranks, …)."""
         return {path: {"trained": True} for path in self.targets}
+
+    def unprotected(self) -> dict[str, str]:
+        """Parts of the model this run trains outside the method's guarantee, each with why (one line): the
+        training report lists them (summary ``unprotected``, and its warnings). Methods without a guarantee: none."""
+        return {}
 
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
         """Write the trained result; ``info`` is the common JSON config (method, base model, run, versions)."""

@@ -1,19 +1,32 @@
 """The baselines, on the same weights as ``nullbooth``: ``dreambooth`` (unconstrained) and ``lora`` (peft LoRA).
 
 Both train the ``attn2`` ``to_q``/``to_k``/``to_v``/``to_out.0`` weights that nullbooth protects, with
-biases frozen, so a comparison differs only in the constraint.
+biases frozen, so a comparison differs only in the constraint. With ``train_text_encoder`` dreambooth trains the
+whole text encoder (saved as ``text_encoder/`` beside ``unet/``) and lora a LoRA on it (in the same LoRA file).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nullbooth.filenames import FULL_UNET_DIR, LORA_WEIGHTS
+from nullbooth.filenames import FULL_TEXT_ENCODER_DIR, FULL_UNET_DIR
 from nullbooth.methods.base import Method, ParamGroups, WeightChanges
-from nullbooth.methods.lora_export import dense_deltas, export_diffusers_lora, update_factors
+from nullbooth.methods.lora_export import (
+    PEFT_ADAPTER,
+    TEXT_ENCODER,
+    dense_deltas,
+    export_diffusers_lora,
+    peft_lora_factors,
+    peft_lora_tensors,
+    update_factors,
+    write_diffusers_lora,
+)
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- dreambooth
 
@@ -29,16 +42,23 @@ class DreamBooth(Method):
         self.W0 = {f"{p}.weight": m.weight.detach().clone() for p, m in self.targets.items()}
         for m in self.targets.values():
             m.weight.requires_grad_(True)
-        return [{"params": [m.weight for m in self.targets.values()], "lr": self.lr}]
+        groups = [{"params": [m.weight for m in self.targets.values()], "lr": self.lr, "name": "unet"}]
+        return groups + ([self.text_encoder_full(pipe)] if self.trains_text_encoder else [])
 
     def weight_changes(self) -> WeightChanges:
         return {p: (m.weight.detach() - self.W0[f"{p}.weight"], self.W0[f"{p}.weight"]) for p, m in self.targets.items()}
 
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
         self.pipe.unet.save_pretrained(output_dir / FULL_UNET_DIR)
+        paths = [output_dir / FULL_UNET_DIR]
+        if self.trains_text_encoder:
+            self.pipe.text_encoder.save_pretrained(output_dir / FULL_TEXT_ENCODER_DIR, safe_serialization=True)
+            # A LoRA file would load the UNet's change without the encoder's: no export that tells half the story.
+            log.info("dreambooth with train_text_encoder: no LoRA export (the whole text encoder changed); load "
+                     "%s/ and %s/", FULL_UNET_DIR, FULL_TEXT_ENCODER_DIR)
+            return paths + [output_dir / FULL_TEXT_ENCODER_DIR]
         # ΔW is generally full rank: the LoRA export is an exact SVD factorisation (rank ≤ min(out, in)).
         deltas = dense_deltas(self.W0, self.pipe.unet, self.layers(self.pipe), self.features())
-        paths = [output_dir / FULL_UNET_DIR]
         if any(bool(d.abs().max() > 0) for d in deltas.values()):
             factors = update_factors(deltas)
             paths += [export_diffusers_lora(output_dir, factors), *self.kohya_export(output_dir, factors)]
@@ -49,7 +69,7 @@ class DreamBooth(Method):
 
 
 class Lora(Method):
-    """peft LoRA (rank ``lora_rank``, ``α = r``) on the protected modules."""
+    """peft LoRA (rank ``lora_rank``, ``α = r``, ``lora_dropout``, DoRA with ``use_dora``) on the protected modules."""
 
     name = "lora"
     default_lr = 1e-4
@@ -64,29 +84,39 @@ class Lora(Method):
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.seed)
             pipe.unet.add_adapter(LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank,
+                                             lora_dropout=self.cfg.lora_dropout, use_dora=self.cfg.use_dora,
                                              init_lora_weights="gaussian", target_modules=list(self.targets)))
-        return [{"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": self.lr}]
+        groups = [{"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": self.lr, "name": "unet"}]
+        if self.trains_text_encoder:
+            groups.append(self.text_encoder_lora(pipe, dropout=self.cfg.lora_dropout, dora=self.cfg.use_dora))
+        return groups
 
     def weight_changes(self) -> WeightChanges:
-        out = {}
-        for path, W0 in self.W0.items():
-            layer = self.pipe.unet.get_submodule(path)
-            out[path] = (layer.get_delta_weight("default").detach(), W0)
-        return out
+        return {path: (peft_delta(self.pipe.unet.get_submodule(path)), W0) for path, W0 in self.W0.items()}
 
     def report(self) -> dict[str, dict[str, Any]]:
-        return {p: {"trained": True, "rank": self.cfg.lora_rank} for p in self.targets}
+        return {p: {"trained": True, "rank": self.cfg.lora_rank, **({"dora": True} if self.cfg.use_dora else {})}
+                for p in self.targets}
 
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
+        parts = {"unet": peft_lora_tensors(self.pipe.unet, "unet")}
+        factors, scales = peft_lora_factors(self.pipe.unet, "unet")
+        if self.trains_text_encoder:
+            parts[TEXT_ENCODER] = peft_lora_tensors(self.pipe.text_encoder, TEXT_ENCODER)
+            te_factors, te_scales = peft_lora_factors(self.pipe.text_encoder, TEXT_ENCODER)
+            factors, scales = {**factors, **te_factors}, {**scales, **te_scales}
+        return [write_diffusers_lora(output_dir, parts), *self.kohya_export(output_dir, factors, scales)]
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet))
-        StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=layers, safe_serialization=True)
-        factors, scales = {}, {}
-        for path in self.targets:
-            layer = self.pipe.unet.get_submodule(path)
-            factors[path] = (layer.lora_B["default"].weight, layer.lora_A["default"].weight)
-            scales[path] = float(layer.scaling["default"])
-        return [output_dir / LORA_WEIGHTS, *self.kohya_export(output_dir, factors, scales)]
+
+@torch.no_grad()
+def peft_delta(layer) -> torch.Tensor:
+    """The weight change ``W' − W`` a peft LoRA layer applies, ``[out, in]``: ``s B A``, or with DoRA
+    (Liu et al. 2024, eq. 5) ``W' = m · (W + s B A) / ‖W + s B A‖_c`` with the norm of every output row (peft's
+    layout), computed in float64."""
+    delta = layer.get_delta_weight(PEFT_ADAPTER).double()  # s B A
+    if not layer.use_dora[PEFT_ADAPTER]:
+        return delta
+    W = layer.get_base_layer().weight.double()
+    m = layer.lora_magnitude_vector[PEFT_ADAPTER].weight.double()  # [out]
+    merged = W + delta
+    return (m / merged.norm(dim=1))[:, None] * merged - W

@@ -3,8 +3,10 @@
 :func:`export_diffusers_lora` writes a file that plain ``StableDiffusionPipeline.load_lora_weights``
 reads: for an adapter ``ΔW = B A`` with ``B = M``, ``A = Uᵀ`` and scale 1 (exact, rank ``k``); for a
 full-weight method (dreambooth) the dense ``ΔW`` of :func:`dense_deltas` factorised by SVD
-(:func:`lora_factors`, exact up to the numerical rank). :func:`export_kohya_lora` writes the same factors
-with kohya's key names (``lora_format: kohya``) for A1111 and ComfyUI.
+(:func:`lora_factors`, exact up to the numerical rank); for peft LoRA layers (method ``lora``, and the
+text encoder under ``train_text_encoder``) their own factors and DoRA magnitudes (:func:`peft_lora_tensors`).
+:func:`export_kohya_lora` writes the same factors with kohya's key names (``lora_format: kohya``) for A1111
+and ComfyUI; kohya has no DoRA.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +29,8 @@ from nullbooth.methods.adapters import NullSpaceLinear, adapter_targets, float_d
 from nullbooth.stats.capture import CrossAttentionLayer
 
 log = logging.getLogger(__name__)
+TEXT_ENCODER = "text_encoder"  # the pipeline attribute, and diffusers' key prefix of its LoRA
+PEFT_ADAPTER = "default"  # the adapter name peft gives the one adapter a model has
 
 
 def lora_factors(delta_W: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -90,14 +95,16 @@ def update_factors(deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torc
 
 def export_diffusers_lora(output_dir: str | Path,
                           deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] | None = None, *,
-                          unet: nn.Module | None = None, rtol: float | None = None) -> Path:
+                          unet: nn.Module | None = None, rtol: float | None = None,
+                          text_encoder: nn.Module | None = None) -> Path:
     """Write ``<output_dir>/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(output_dir)``.
 
     The factors are :func:`update_factors`' (``unet`` adapters or ``deltas``). Keys are peft-style
     ``unet.<module path>.lora_A.weight`` / ``lora_B.weight`` (float32). The file carries diffusers'
     ``lora_adapter_metadata`` with ``lora_alpha = r`` for every module (``alpha_pattern = rank_pattern``),
     so the LoRA scale ``alpha / r`` is exactly 1; diffusers ≥ 0.34 reads it, older versions infer the
-    same config from the shapes.
+    same config from the shapes. A ``text_encoder`` carrying peft LoRA layers (``train_text_encoder``) is
+    written into the same file under diffusers' ``text_encoder.`` prefix (:func:`peft_lora_tensors`).
     """
     factors = update_factors(deltas, unet=unet, rtol=rtol)
     tensors: dict[str, torch.Tensor] = {}
@@ -108,24 +115,92 @@ def export_diffusers_lora(output_dir: str | Path,
         ranks[path] = int(B.shape[1])
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank, as diffusers does
     pattern = {p: k for p, k in ranks.items() if k != r}
-    lora_config = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-                   "target_modules": sorted(ranks), "use_dora": False, "lora_bias": False}
-    metadata = {"format": "pt",
-                "lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in lora_config.items()}, sort_keys=True)}
+    parts = {"unet": (tensors, {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+                                "target_modules": sorted(ranks), "use_dora": False, "lora_bias": False})}
+    if text_encoder is not None:
+        parts[TEXT_ENCODER] = peft_lora_tensors(text_encoder, TEXT_ENCODER)
+    return write_diffusers_lora(output_dir, parts)
+
+
+def write_diffusers_lora(output_dir: str | Path,
+                         parts: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]]) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` from ``{"unet" | "text_encoder": (tensors, lora config)}``: the
+    tensors keyed as diffusers reads them, each part's peft ``LoraConfig`` fields as ``lora_adapter_metadata``
+    (``<part>.<field>``, the layout of diffusers' ``save_lora_weights``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    config: dict[str, Any] = {}
+    for part, (part_tensors, part_config) in parts.items():
+        tensors.update(part_tensors)
+        config.update({f"{part}.{k}": v for k, v in part_config.items()})
     output_dir = Path(output_dir)
-    save_tensors(output_dir / LORA_WEIGHTS, tensors, metadata)
+    save_tensors(output_dir / LORA_WEIGHTS, tensors,
+                 {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True)})
     return output_dir / LORA_WEIGHTS
 
 
+def text_module_path(text_encoder: nn.Module, path: str) -> str:
+    """A text-encoder module path as LoRA files spell it, ``text_model.encoder.layers.<i>…``: transformers ≥ 5
+    flattens ``CLIPTextModel`` (no ``text_model``), and diffusers strips the prefix again for such a model."""
+    return path if hasattr(text_encoder, "text_model") else f"text_model.{path}"
+
+
+def peft_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The peft LoRA layers (adapter ``default``) of ``model`` by module path, found structurally."""
+    from peft.tuners.lora import LoraLayer
+
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLayer) and PEFT_ADAPTER in m.lora_A}
+
+
+def peft_lora_tensors(model: nn.Module, part: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``model``'s peft LoRA as a part of a diffusers LoRA file: ``<part>.<path>.lora_A.weight`` / ``.lora_B.weight``
+    and, with DoRA, ``.lora_magnitude_vector.weight`` (the name of peft's parameter, which both diffusers' UNet loader
+    and transformers' ``load_adapter`` map onto it), float32; and the ``LoraConfig`` fields diffusers rebuilds it
+    from. Text-encoder paths are spelled with ``text_model.`` (:func:`text_module_path`)."""
+    layers = peft_lora_layers(model)
+    if not layers:
+        raise NullBoothError(f"export a LoRA: the {part} has no peft LoRA layers; add the adapter first")
+    config = model.peft_config[PEFT_ADAPTER]
+    tensors: dict[str, torch.Tensor] = {}
+    for path, layer in layers.items():
+        key = f"{part}.{text_module_path(model, path) if part == TEXT_ENCODER else path}"
+        tensors[f"{key}.lora_A.weight"] = _cpu32(layer.lora_A[PEFT_ADAPTER].weight)
+        tensors[f"{key}.lora_B.weight"] = _cpu32(layer.lora_B[PEFT_ADAPTER].weight)
+        if layer.use_dora[PEFT_ADAPTER]:
+            tensors[f"{key}.lora_magnitude_vector.weight"] = _cpu32(layer.lora_magnitude_vector[PEFT_ADAPTER].weight)
+    fields = {"r": config.r, "lora_alpha": config.lora_alpha, "rank_pattern": dict(config.rank_pattern or {}),
+              "alpha_pattern": dict(config.alpha_pattern or {}), "target_modules": sorted(config.target_modules),
+              "use_dora": bool(config.use_dora), "lora_bias": False}
+    return tensors, fields
+
+
+def peft_lora_factors(model: nn.Module, part: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """``(B, A)`` and the scale ``alpha / r`` of every peft LoRA layer of ``model``, keyed as :func:`kohya_name`
+    reads them (UNet paths; ``text_encoder.text_model.…`` for the text encoder)."""
+    factors, scales = {}, {}
+    for path, layer in peft_lora_layers(model).items():
+        key = f"{TEXT_ENCODER}.{text_module_path(model, path)}" if part == TEXT_ENCODER else path
+        factors[key] = (layer.lora_B[PEFT_ADAPTER].weight, layer.lora_A[PEFT_ADAPTER].weight)
+        scales[key] = float(layer.scaling[PEFT_ADAPTER])
+    return factors, scales
+
+
+def _cpu32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
 def kohya_name(path: str) -> str:
-    """kohya / A1111 / ComfyUI module name of a UNet module path: ``lora_unet_`` + the path with ``.`` → ``_``."""
+    """kohya / A1111 / ComfyUI module name: ``lora_unet_`` + a UNet module path, or ``lora_te_`` + a text-encoder path
+    given as ``text_encoder.text_model.…``, with ``.`` → ``_``."""
+    if path.startswith(f"{TEXT_ENCODER}."):
+        return "lora_te_" + path.removeprefix(f"{TEXT_ENCODER}.").replace(".", "_")
     return "lora_unet_" + path.replace(".", "_")
 
 
 def export_kohya_lora(output_dir: str | Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                       scales: Mapping[str, float] | None = None) -> Path:
     """Write ``pytorch_lora_weights_kohya.safetensors``: ``<name>.lora_down.weight`` (``A``), ``.lora_up.weight``
-    (``B``) and ``.alpha`` per module, the key layout of kohya's sd-scripts that A1111, ComfyUI and diffusers'
+    (``B``) and ``.alpha`` per module (UNet and, keyed ``text_encoder.…``, text-encoder modules; :func:`kohya_name`),
+    the key layout of kohya's sd-scripts that A1111, ComfyUI and diffusers'
     ``load_lora_weights`` read. Those loaders apply ``(alpha / rank) · B A``, so ``alpha = scale · rank``
     (``scales`` per path, default 1: the exact ``ΔW``).
 

@@ -3,10 +3,19 @@
 Two ways to train the same family of updates: ``adapter`` trains ``M`` in ``ΔW = M Uᵀ`` (exact,
 default); ``projected`` trains the full weight and projects the whole optimizer update after each
 step, ``W ← W₀ + (W − W₀) P``. Both are saved as the same adapter and its diffusers LoRA export.
+
+``train_text_encoder`` adds a LoRA on the text encoder (rank ``lora_rank``, :meth:`Method.text_encoder_lora`),
+trained without constraint. A LoRA rather than the whole encoder (diffusers' DreamBooth) because the result then
+stays one diffusers LoRA file that plain ``load_lora_weights`` applies whole (UNet factors and encoder LoRA), and
+the prior prompts' encodings move through a rank-``r`` change only. The guarantee does not extend to it:
+``ΔW X₀ = 0`` holds for the attn2 inputs ``X₀`` of the *base* encoder, and a trained encoder moves the prior
+prompts' encodings, so nothing bounds what the model does on them any more; :meth:`NullBooth.unprotected` says so
+in the training report and a warning is logged at set-up.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,11 +34,19 @@ from nullbooth.methods.adapters import (
 from nullbooth.methods.base import Method, ParamGroups, WeightChanges
 from nullbooth.methods.budget import LeakageBudget
 from nullbooth.methods.leakage import project_update_
-from nullbooth.methods.lora_export import export_diffusers_lora, update_factors
+from nullbooth.methods.lora_export import TEXT_ENCODER, export_diffusers_lora, peft_lora_factors, update_factors
 from nullbooth.runs.layout import load_summed_statistics
 from nullbooth.stats.nullspace import empty_fix
 
 BUDGET_STATE = "leakage_budget.{}.active_steps"  # checkpoint key of a weight's projection count
+UNPROTECTED_TEXT_ENCODER = (
+    "train_text_encoder: the text encoder was trained without constraint; the null-space guarantee ΔW X₀ = 0 is "
+    "about the attn2 inputs X₀ of the base encoder, and the trained encoder moves the prior prompts' encodings, so "
+    "the guarantee (and the leakage figures on the prior features, computed on the base encodings) no longer covers "
+    "them; train with train_text_encoder: false to keep it"
+)
+
+log = logging.getLogger(__name__)
 
 
 class NullBooth(Method):
@@ -71,6 +88,9 @@ class NullBooth(Method):
                 "leakage_budget: 0.05)"
             )
         self._freeze(pipe)
+        text = [self.text_encoder_lora(pipe)] if self.trains_text_encoder else []
+        if text:
+            log.warning(UNPROTECTED_TEXT_ENCODER)
         self.update = self.cfg.nullbooth_update
         self.wrappers: dict[str, NullSpaceLinear] = {}
         self.budgets: dict[str, LeakageBudget] = {}
@@ -78,7 +98,7 @@ class NullBooth(Method):
             self.wrappers = inject_null_space_adapters(pipe.unet, self.bases)
             # The adapter's own (rounded) basis: ΔW = M Uᵀ is certified as the model applies it.
             self.budgets = self._budgets({p: w.basis for p, w in self.wrappers.items()}, full_weight=False)
-            return [{"params": [w.M for w in self.wrappers.values()], "lr": self.lr}]
+            return [{"params": [w.M for w in self.wrappers.values()], "lr": self.lr, "name": "unet"}, *text]
         # projected: full weights of the targets with room to move; W₀ and one P per distinct basis kept.
         self.W0: dict[str, torch.Tensor] = {}
         self.P: dict[str, torch.Tensor] = {}
@@ -91,7 +111,7 @@ class NullBooth(Method):
                 shared[id(U)] = (U @ U.T).to(device=weight.device, dtype=torch.float32)  # P [in, in]
             self.P[path] = shared[id(U)]
         self.budgets = self._budgets(self.bases, full_weight=True)
-        return [{"params": [self.targets[p].weight for p in self.bases], "lr": self.lr}]
+        return [{"params": [self.targets[p].weight for p in self.bases], "lr": self.lr, "name": "unet"}, *text]
 
     def _budgets(self, bases: dict[str, torch.Tensor], *, full_weight: bool) -> dict[str, LeakageBudget]:
         """One :class:`LeakageBudget` per trained weight, on the run's float64 statistics (none without ε or γ)."""
@@ -148,6 +168,9 @@ class NullBooth(Method):
             facts[path].update(leakage_budget=budget.epsilon, budget_active_steps=int(budget.active_steps))
         return facts
 
+    def unprotected(self) -> dict[str, str]:
+        return {TEXT_ENCODER: UNPROTECTED_TEXT_ENCODER} if self.trains_text_encoder else {}
+
     @torch.no_grad()
     def to_adapter(self) -> None:
         """Projected mode: restore W₀ and express ``W − W₀`` exactly as adapters ``M = (W − W₀) U``."""
@@ -172,7 +195,12 @@ class NullBooth(Method):
 
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
         self.to_adapter()
-        save_adapter(output_dir, self.pipe.unet, {**info, "nullbooth_update": self.cfg.nullbooth_update})
+        # train_text_encoder tells `nullbooth generate` to take the encoder's LoRA from the LoRA file.
+        save_adapter(output_dir, self.pipe.unet, {**info, "nullbooth_update": self.cfg.nullbooth_update,
+                                                  "train_text_encoder": self.trains_text_encoder})
         factors = update_factors(unet=self.pipe.unet)
-        lora = export_diffusers_lora(output_dir, factors)
+        encoder = self.pipe.text_encoder if self.trains_text_encoder else None
+        lora = export_diffusers_lora(output_dir, factors, text_encoder=encoder)
+        if encoder is not None:
+            factors = {**factors, **peft_lora_factors(encoder, TEXT_ENCODER)[0]}  # α = r: scale 1, as the UNet's
         return [output_dir / ADAPTER_WEIGHTS, output_dir / ADAPTER_CONFIG, lora, *self.kohya_export(output_dir, factors)]

@@ -1,10 +1,11 @@
 """The model card: a ``README.md`` in every training output, in the shape diffusers' DreamBooth scripts write.
 
 Hub front matter (``base_model``, ``library_name``, ``instance_prompt``, ``tags``) followed by what was trained
-from what, the hyper-parameters, what the method guarantees and measured (null dimensions, the leakage
-budget, leakage on the prior and held-out features), evaluation numbers when an ``evaluation.json`` sits in the
-folder's ``evaluation/`` (``nullbooth evaluate`` refreshes the card), the latest validation grid and how to load
-the result with plain diffusers.
+from what (with several subjects: every subject and its trigger), the hyper-parameters, what the method
+guarantees and measured (null dimensions, the leakage budget, leakage on the prior and held-out features),
+evaluation numbers when an ``evaluation.json`` sits in the folder's ``evaluation/`` (``nullbooth evaluate``
+refreshes the card; with several subjects, fidelity per subject), the latest validation grid and how to load the
+result with plain diffusers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nullbooth.filenames import (
     CONCEPT_FILE,
     EVALUATION_DIR,
     EVALUATION_JSON,
+    FULL_TEXT_ENCODER_DIR,
     FULL_UNET_DIR,
     LORA_WEIGHTS,
     MODEL_CARD,
@@ -28,6 +30,8 @@ from nullbooth.filenames import (
 )
 from nullbooth.io import read_json, write_text
 
+# Perfusion's concept files: one (perfusion_concept.safetensors), or one per subject (perfusion_concept_<i>…).
+CONCEPT_FILES = f"{Path(CONCEPT_FILE).stem}*{Path(CONCEPT_FILE).suffix}"
 HYPER_PARAMETERS = ("max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
                     "resolution", "seed", "lr_scheduler", "lr_warmup_steps", "with_prior_preservation",
                     "prior_loss_weight", "mixed_precision", "lora_rank", "nullbooth_update")
@@ -63,6 +67,9 @@ def _guarantees(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"- Largest leakage on the collected prior features: {_num(s['max_leak_preserved'])} (exact).")
     if s.get("max_leak_heldout") is not None:
         lines.append(f"- Largest leakage on held-out prompts: {_num(s['max_leak_heldout'])} (measured, not certified).")
+    for warning in report.get("warnings", []):
+        if "NOT protected" in warning:  # e.g. a text encoder trained beside a null-space UNet
+            lines.append(f"- {warning}")
     return lines + [""] if len(lines) > 2 else []
 
 
@@ -79,22 +86,53 @@ def _evaluation(folder: Path) -> list[str]:
         rows.append(("stated attributes drawn, base → this model",
                      f"{_num(attributes['base'].get('all'))} → {_num(attributes['personalized'].get('all'))}"))
     subject = report.get("subject") or {}
+    several = report.get("subjects") or []
     if subject:
-        rows.append(("subject fidelity, base → this model",
+        rows.append((f"subject fidelity{' (mean over subjects)' if several else ''}, base → this model",
                      f"{_num(subject['base'].get('fidelity'))} → {_num(subject['personalized'].get('fidelity'))}"))
+    for entry in several:  # each subject's prompts scored against its own instance images
+        rows.append((f"subject fidelity of `{entry.get('instance_prompt')}`, base → this model",
+                     f"{_num(entry['base'].get('fidelity'))} → {_num(entry['personalized'].get('fidelity'))}"))
     return ["## Evaluation", "", f"`nullbooth evaluate`, {report.get('prompts')} prompts, seeds "
             f"{report.get('sampling', {}).get('seeds')} ({EVALUATION_DIR}/{EVALUATION_JSON}):", "",
             "| metric | value |", "|---|---|", *[f"| {k} | {_num(v)} |" for k, v in rows], ""]
 
 
+def _subjects(report: Mapping[str, Any], files: str) -> list[str]:
+    """How to trigger the model, and its files: one sentence for one subject, a table of every subject for several."""
+    subjects = report.get("subjects") or []
+    if len(subjects) < 2:
+        return [f"Trigger: use `{report.get('instance_prompt')}` in a prompt. Files: {files}.", ""]
+    lines = [f"{len(subjects)} subjects, each with its own trigger:", "",
+             "| subject | instance prompt | class prompt | trigger | images |", "|---|---|---|---|---|"]
+    for i, s in enumerate(subjects):
+        trigger = s.get("concept_token") or s.get("instance_prompt")
+        lines.append(f"| {i} | `{s.get('instance_prompt')}` | {_code(s.get('class_prompt'))} | `{trigger}` | "
+                     f"`{s.get('instance_data_dir')}` |")
+    return lines + ["", f"Files: {files}.", ""]
+
+
+def _code(text: str | None) -> str:
+    return f"`{text}`" if text else "–"
+
+
+def _first_prompt(report: Mapping[str, Any]) -> str:
+    subjects = report.get("subjects") or [{}]
+    return report.get("instance_prompt") or subjects[0].get("instance_prompt") or ""
+
+
 def _usage(report: Mapping[str, Any], folder: Path) -> list[str]:
     base = report["pretrained_model_name_or_path"]
-    prompt = report.get("instance_prompt") or ""
+    prompt = _first_prompt(report)
     if (folder / LORA_WEIGHTS).is_file():
         load = [f"pipe.load_lora_weights({str(folder)!r})"]
     elif (folder / FULL_UNET_DIR).is_dir():
         load = ["from diffusers import UNet2DConditionModel",
                 f"pipe.unet = UNet2DConditionModel.from_pretrained({str(folder / FULL_UNET_DIR)!r}, use_safetensors=True)"]
+        if (folder / FULL_TEXT_ENCODER_DIR).is_dir():
+            load += ["from transformers import CLIPTextModel",
+                     f"pipe.text_encoder = CLIPTextModel.from_pretrained({str(folder / FULL_TEXT_ENCODER_DIR)!r}, "
+                     "use_safetensors=True)"]
     else:
         return ["## How to use", "", f"`nullbooth generate --adapter {folder} --prompt {prompt!r}`", ""]
     return ["## How to use", "", "```python", "from diffusers import StableDiffusionPipeline", "",
@@ -104,13 +142,17 @@ def _usage(report: Mapping[str, Any], folder: Path) -> list[str]:
 
 def model_card(folder: Path, report: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     """The card's markdown for the training output ``folder``, its ``report`` (``train_report.json``) and ``config``."""
-    files = [name for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS, CONCEPT_FILE, FULL_UNET_DIR) if (folder / name).exists()]
+    files = [name for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS, FULL_UNET_DIR, FULL_TEXT_ENCODER_DIR) if (folder / name).exists()]
+    files += sorted(p.name for p in folder.glob(CONCEPT_FILES))
+    several = len(report.get("subjects") or []) > 1
+    trained_on = (f"{len(report['subjects'])} subjects" if several else
+                  f"the instance prompt `{report.get('instance_prompt')}`"
+                  + (f" (class prompt `{report['class_prompt']}`)" if report.get("class_prompt") else ""))
     lines = _front_matter(folder, report) + [
         f"# {report['method']} — {folder.name}", "",
         f"{report['method']} weights for `{report['pretrained_model_name_or_path']}`, trained by nullbooth "
-        f"{report.get('versions', {}).get('nullbooth', '')} on the instance prompt `{report.get('instance_prompt')}`"
-        + (f" (class prompt `{report['class_prompt']}`)" if report.get("class_prompt") else "") + ".", "",
-        f"Trigger: use `{report.get('instance_prompt')}` in a prompt. Files: {', '.join(f'`{f}`' for f in files)}.", "",
+        f"{report.get('versions', {}).get('nullbooth', '')} on {trained_on}.", "",
+        *_subjects(report, ", ".join(f"`{f}`" for f in files)),
         "## Training", "", "| setting | value |", "|---|---|",
         *[f"| {k} | {_num(config[k])} |" for k in HYPER_PARAMETERS if config.get(k) is not None],
         f"| steps run | {report.get('steps')} |", f"| final loss | {_num(report.get('summary', {}).get('final_loss'))} |",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from nullbooth import __version__
 from nullbooth.config import Config
@@ -23,6 +24,7 @@ from nullbooth.filenames import CHECKPOINT_PREFIX, CHECKPOINT_RNG, CHECKPOINT_ST
 from nullbooth.io import load_tensors, read_json, save_tensors, write_json
 from nullbooth.methods.base import Method
 from nullbooth.runs.write import disk_errors
+from nullbooth.training.optim import steps_from_epochs
 
 # Settings a checkpoint can only be resumed under: what defines the trained parameters, the data and the
 # optimizer (a resumed optimizer keeps its checkpoint's learning rate, so a changed one would be silently ignored).
@@ -32,7 +34,12 @@ RESUME_KEYS = ("method", "nullbooth_update", "lora_rank", "seed", "train_batch_s
                "pretrained_model_name_or_path", "revision", "learning_rate", "lr_scheduler", "lr_warmup_steps",
                "prior_loss_weight", "nullbooth.cross_attention_layers", "nullbooth.nullspace_mode",
                "nullbooth.nullspace_threshold", "nullbooth.stats_run", "nullbooth.leakage_budget",
-               "perfusion.concept_token", "perfusion.superclass")
+               "perfusion.concept_token", "perfusion.superclass",
+               # diffusers' options: each changes the loss, the data, the optimizer or its rates
+               "snr_gamma", "noise_offset", "optimizer", "use_8bit_adam", "prodigy_beta3", "prodigy_decouple",
+               "prodigy_use_bias_correction", "prodigy_safeguard_warmup", "scale_lr", "lr_num_cycles", "lr_power",
+               "num_train_epochs", "random_flip", "center_crop", "train_text_encoder", "text_encoder_lr", "subjects",
+               "lora_dropout", "use_dora")
 STATE_FIELDS = {"step": int, "losses": list, "num_processes": int, "settings": dict, "optimizer_param_groups": list,
                 "optimizer_scalars": dict, "lr_scheduler": dict}
 
@@ -117,7 +124,9 @@ def check_resume(folder: Path, cfg: Config, num_processes: int, device: torch.de
     if changed:
         raise NullBoothError(f"{folder} was written with other settings ({'; '.join(changed)}); resume with the "
                              "original values, or start over with these (train --overwrite)")
-    if state["step"] > cfg.max_train_steps:
+    # Before set-up has turned num_train_epochs into max_train_steps the step cannot be checked; the loop's
+    # load_checkpoint checks it again with the resolved config.
+    if not steps_from_epochs(cfg) and state["step"] > cfg.max_train_steps:
         raise NullBoothError(
             f"{folder} is at step {state['step']}, beyond max_train_steps {cfg.max_train_steps}: resuming it would "
             f"write a {state['step']}-step result; raise max_train_steps to at least {state['step']}, or "
@@ -133,8 +142,10 @@ def check_resume(folder: Path, cfg: Config, num_processes: int, device: torch.de
 
 
 def _json(value: Any) -> Any:
-    """Compare as the JSON file stores it (tuples are lists there)."""
-    return list(value) if isinstance(value, tuple) else value
+    """Compare as the JSON file stores it (tuples are lists there, config blocks such as subjects are dicts)."""
+    if isinstance(value, (tuple, list)):
+        return [_json(v) for v in value]
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
 def _rng(folder: Path, rank: int) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nullbooth.config import Config
@@ -37,10 +36,13 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import TRAIN_CONFIG, TRAIN_REPORT
 from nullbooth.io import write_json
 from nullbooth.report.model_card import write_model_card
+from nullbooth.runs.layout import load_summed_statistics
 from nullbooth.runs.write import disk_errors
 from nullbooth.training.checkpoint import load_checkpoint, save_checkpoint
+from nullbooth.training.optim import instance_loss, min_snr_weights, prior_loss, tf32
 from nullbooth.training.report import build_report, nan_message, output_info, validate, write_report_html
 from nullbooth.training.setup import Setup, setup
+from nullbooth.training.trackers import leakage_scalars, learning_rates, open_tracker, validation_interval
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,14 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True,
     """
     # -- set-up: data, method, optimizer; the checkpoint to resume from; output_dir's lock
     ts = setup(cfg, pipe=pipe, accelerator=accelerator, progress=progress)
+    cfg = ts.cfg if ts.cfg is not None else cfg  # as trained: max_train_steps resolved from num_train_epochs
     with ts.lock or nullcontext():  # output_dir stays this process's until its result is written
-        losses, step_seconds, seconds = loop(ts, cfg, progress, on_step)
+        with tf32(cfg.allow_tf32):  # the flags are restored after the loop
+            losses, step_seconds, seconds = loop(ts, cfg, progress, on_step)
         # -- finish: the method's files and the report
-        return finish(cfg, ts, losses, step_seconds, seconds=seconds)
+        report = finish(cfg, ts, losses, step_seconds, seconds=seconds)
+    ts.pipe.text_encoder.to(ts.accelerator.device)  # back from the CPU (pre_compute_text_embeddings): a whole pipeline
+    return report
 
 
 def loop(ts: Setup, cfg: Config, progress: bool, on_step: Callable[[int, float], None] | None,
@@ -67,14 +73,19 @@ def loop(ts: Setup, cfg: Config, progress: bool, on_step: Callable[[int, float],
     validating on schedule; returns every step's loss, this session's step times and its seconds."""
     accelerator, method, optimizer, lr_scheduler = ts.accelerator, ts.method, ts.optimizer, ts.lr_scheduler
     output_dir = Path(cfg.output_dir)
+    validate_every = validation_interval(cfg, len(ts.instance), len(ts.classes) if ts.classes else 0,
+                                         accelerator.num_processes)
     step, losses, step_seconds = 0, [], []
     if ts.resume_dir is not None:
         step, losses = load_checkpoint(ts.resume_dir, cfg, method, optimizer, lr_scheduler, ts.generator, accelerator)
         log.info("resumed from %s at step %d", ts.resume_dir, step)
+    tracker = open_tracker(cfg, accelerator.is_main_process)  # a missing tracker package stops the run here
+    # The preserved features' statistics, read once for every leakage the tracker logs.
+    preserved = load_summed_statistics(ts.stats_run) if tracker.active and ts.stats_run else None
     ts.unet.train()
     started = time.perf_counter()
-    with tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {method.name}", unit="step",
-              disable=not (progress and accelerator.is_main_process)) as bar, method.context():
+    with tracker, tqdm(total=cfg.max_train_steps, initial=step, desc=f"train {method.name}", unit="step",
+                       disable=not (progress and accelerator.is_main_process)) as bar, method.context():
         while step < cfg.max_train_steps:
             tick = time.perf_counter()
             step_loss = accumulate_gradients(ts, cfg, step)
@@ -82,6 +93,7 @@ def loop(ts: Setup, cfg: Config, progress: bool, on_step: Callable[[int, float],
                 raise NullBoothError(nan_message(cfg, step + 1, output_dir))
             accelerator.clip_grad_norm_(ts.params, cfg.max_grad_norm)
             optimizer.step()
+            rates = learning_rates(optimizer)  # the rates this step used; the scheduler sets the next step's
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             method.after_step()  # nullbooth: W ← W₀ + (W − W₀) P (projected), the leakage budget
@@ -92,12 +104,16 @@ def loop(ts: Setup, cfg: Config, progress: bool, on_step: Callable[[int, float],
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if on_step is not None:
                 on_step(step, losses[-1])
-            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            tracker.log_scalars({"train/loss": losses[-1], **rates}, step)
+            checkpointing = step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps
+            if checkpointing:
                 save_checkpoint(output_dir, step, losses, cfg, method, optimizer, lr_scheduler, ts.generator,
                                 accelerator)
-            if (cfg.validation_prompt and accelerator.is_main_process
-                    and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps)):
-                validate(cfg, ts.pipe, output_dir, step, ts.resolution)
+            validating = bool(cfg.validation_prompt) and (step % validate_every == 0 or step == cfg.max_train_steps)
+            if validating and accelerator.is_main_process:
+                tracker.log_images("validation", validate(cfg, ts.pipe, output_dir, step, ts.resolution), step)
+            if tracker.active and (checkpointing or validating):
+                tracker.log_scalars(leakage_scalars(method, preserved, ts.heldout), step)
     return losses, step_seconds, time.perf_counter() - started
 
 
@@ -112,8 +128,13 @@ def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
         eps = torch.randn(mean.shape, generator=ts.generator, device=mean.device)
         latents = (mean + std * eps) * scaling  # [bsz, 4, h, w]: a fresh sample of q(z | image), as encode() would draw
         noise = torch.randn(latents.shape, generator=ts.generator, device=latents.device)  # ε [bsz, 4, h, w]
+        if cfg.noise_offset > 0:  # offset noise (Guttenberg 2023): a per-image, per-channel shift of ε; drawn only
+            # when asked, so default runs draw exactly what they always drew
+            noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=ts.generator,
+                                                    device=latents.device)  # [bsz, 4, 1, 1]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                           generator=ts.generator, device=latents.device)  # [bsz]
+        weights = min_snr_weights(scheduler, t, cfg.snr_gamma) if cfg.snr_gamma is not None else None  # [bsz]
         noisy = scheduler.add_noise(latents, noise, t)  # √ᾱ_t z + √(1−ᾱ_t) ε
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, t)
@@ -127,10 +148,11 @@ def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
             if ts.classes is not None:  # DreamBooth eq. 2: instance loss + λ · prior-preservation loss
                 pred, pred_prior = pred.chunk(2)
                 target, target_prior = target.chunk(2)
-                loss = method.loss(pred, target, idx) + cfg.prior_loss_weight * F.mse_loss(
-                    pred_prior, target_prior.float())
+                w, w_prior = weights.chunk(2) if weights is not None else (None, None)  # Min-SNR-γ, each term
+                loss = instance_loss(method, pred, target, idx, w) + cfg.prior_loss_weight * prior_loss(
+                    pred_prior, target_prior, w_prior)
             else:
-                loss = method.loss(pred, target, idx)
+                loss = instance_loss(method, pred, target, idx, weights)
             penalty = method.penalty()  # e.g. γ Σ L(ΔW)²; once per step in total, kept out of the logged loss
             accelerator.backward((loss if penalty is None else loss + penalty) / accum)
         step_loss += accelerator.reduce(loss.detach(), "mean") / accum
@@ -140,15 +162,16 @@ def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
 def micro_batch(ts: Setup, cfg: Config, m: int) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Micro-step ``m``'s examples on this process: the instance indices, then ``q(z | x)`` mean, std and prompt
     inputs of the instance examples followed, with prior preservation, by as many class examples. The batch
-    order is a function of ``m`` alone, so a resumed run continues it exactly."""
+    order is a function of ``m`` alone, so a resumed run continues it exactly; which crop / mirror image of an
+    example is used is drawn from the loop's generator (checkpointed), and only when a set has such variants."""
     rank, world, B = ts.accelerator.process_index, ts.accelerator.num_processes, cfg.train_batch_size
     idx = batch_indices(len(ts.instance), B, m, rank, world, cfg.seed)
-    mean, std = ts.instance.mean[idx], ts.instance.std[idx]  # [B, 4, h, w] each
-    prompt = ts.instance.text[idx]  # [B, 77(, d)]
+    mean, std, prompt = ts.instance.take(idx, ts.generator)  # [B, 4, h, w] each, [B, 77(, d)]
     if ts.classes is not None:
         cidx = batch_indices(len(ts.classes), B, m, rank, world, cfg.seed + 1)
-        mean, std = torch.cat([mean, ts.classes.mean[cidx]]), torch.cat([std, ts.classes.std[cidx]])  # [2B, 4, h, w]
-        prompt = torch.cat([prompt, ts.classes.text[cidx]])  # [2B, 77(, d)]
+        cmean, cstd, cprompt = ts.classes.take(cidx, ts.generator)
+        mean, std = torch.cat([mean, cmean]), torch.cat([std, cstd])  # [2B, 4, h, w]
+        prompt = torch.cat([prompt, cprompt])  # [2B, 77(, d)]
     return idx, mean, std, prompt
 
 

@@ -1,8 +1,9 @@
 """What the loop learns from, taken from the base model and the data before the method changes anything.
 
 - the collection run whose statistics define the null spaces (:func:`statistics_run`);
+- the instance examples of every subject, each with its own prompt (:func:`instance_examples`);
 - the prior-preservation class examples of DreamBooth eq. 2 (:func:`class_examples`): the run's own
-  generations with their prompts, or ``class_data_dir`` topped up by the base model;
+  generations with their prompts, or each subject's ``class_data_dir`` topped up by the base model;
 - the held-out features the report measures leakage on (:func:`heldout_statistics`);
 - the frozen VAE's ``q(z | x)`` and the frozen text encoder's encodings, computed once
   (:func:`latent_distributions`, :func:`prompt_inputs`).
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from nullbooth.config import Config
+from nullbooth.config import Config, SubjectBlock
 from nullbooth.dataset import (
+    Augmentation,
     Example,
     collection_examples,
     generate_class_images,
@@ -68,30 +70,75 @@ def statistics_run(cfg: Config, pipe, accelerator, *, create: bool, progress: bo
     return run
 
 
+def augmentation(cfg: Config) -> Augmentation:
+    """The variants every training image is encoded in (``center_crop``, ``random_flip``; crops seeded by ``seed``)."""
+    return Augmentation(center_crop=cfg.center_crop, random_flip=cfg.random_flip, seed=cfg.seed)
+
+
+def instance_examples(cfg: Config, resolution: int) -> list[Example]:
+    """Every subject's instance images, subject after subject, each paired with its subject's ``instance_prompt``."""
+    subjects = cfg.subject_list()
+    return [e for i, s in enumerate(subjects)
+            for e in load_examples(s.instance_data_dir, s.instance_prompt, resolution,
+                                   _where(cfg, i, "instance_data_dir"), augmentation=augmentation(cfg),
+                                   workers=cfg.dataloader_num_workers)]
+
+
+def generation_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype class images are generated in (``prior_generation_precision``; ``None``: no autocast,
+    the model's own dtype). fp16 is refused without CUDA, where it would silently not be used."""
+    if cfg.prior_generation_precision == "fp16" and torch.device(device).type != "cuda":
+        raise NullBoothError(f"prior_generation_precision: fp16 needs a CUDA device and this machine generates on "
+                             f"{torch.device(device).type}; use fp32 or bf16 (or leave it unset)")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.prior_generation_precision or "")
+
+
 def class_examples(cfg: Config, pipe, accelerator, stats_run: Path | None, resolution: int,
                    progress: bool = True) -> list[Example]:
-    """Prior-preservation examples: the collection run's own generations (each with its prompt) when the run
-    kept them and no ``class_data_dir`` is given; otherwise ``class_data_dir``, topped up by the base model."""
+    """Prior-preservation examples: the collection run's own generations (each with its prompt;
+    ``num_class_images`` per subject) when the run kept them and no subject gives a ``class_data_dir``;
+    otherwise, subject after subject, its ``class_data_dir`` topped up by the base model with its ``class_prompt``."""
     if not cfg.with_prior_preservation:
         return []
-    if cfg.class_data_dir is None and stats_run is not None and (stats_run / "generations").is_dir():
+    subjects = cfg.subject_list()
+    own_folders = any(s.class_data_dir is not None for s in subjects)
+    if not own_folders and stats_run is not None and (stats_run / "generations").is_dir():
         prompts = run_prompts(stats_run)
         if prompts:
-            found = collection_examples(stats_run, prompts, resolution, cfg.num_class_images)
+            found = collection_examples(stats_run, prompts, resolution, cfg.num_class_images * len(subjects),
+                                        augmentation(cfg), cfg.dataloader_num_workers)
             if found:
                 log.info("prior preservation: %d generation(s) of the collection run %s with their prompts",
                          len(found), stats_run)
                 return found
-    folder = Path(cfg.class_data_dir or Path(cfg.output_dir) / "class_images")
-    have = len(read_image_folder(folder, "class_data_dir", allow_empty=True))
+    return [e for i, s in enumerate(subjects)
+            for e in subject_class_examples(cfg, pipe, accelerator, i, s, resolution, progress)]
+
+
+def subject_class_examples(cfg: Config, pipe, accelerator, index: int, subject: SubjectBlock, resolution: int,
+                           progress: bool = True) -> list[Example]:
+    """``num_class_images`` of subject ``index``'s ``class_data_dir`` (default ``<output_dir>/class_images``, with
+    several subjects ``<output_dir>/class_images/<index>``), generated with its class prompt where missing."""
+    default = Path(cfg.output_dir) / "class_images"
+    folder = Path(subject.class_data_dir or (default / str(index) if len(cfg.subject_list()) > 1 else default))
+    what = _where(cfg, index, "class_data_dir")
+    have = len(read_image_folder(folder, what, allow_empty=True, workers=cfg.dataloader_num_workers))
     if have < cfg.num_class_images:
         if accelerator.is_main_process:
-            log.info("generating %d class image(s) of %r into %s", cfg.num_class_images - have, cfg.class_prompt, folder)
-            generate_class_images(pipe, cfg.class_prompt, folder, cfg.num_class_images - have, start=have,
+            log.info("generating %d class image(s) of %r into %s", cfg.num_class_images - have, subject.class_prompt,
+                     folder)
+            generate_class_images(pipe, subject.class_prompt, folder, cfg.num_class_images - have, start=have,
                                   resolution=resolution, steps=cfg.class_generation_steps,
-                                  batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=progress)
+                                  batch_size=cfg.sample_batch_size, seed=cfg.seed,
+                                  autocast=generation_dtype(cfg, pipe.unet.device), progress=progress)
         accelerator.wait_for_everyone()
-    return load_examples(folder, cfg.class_prompt, resolution, "class_data_dir", limit=cfg.num_class_images)
+    return load_examples(folder, subject.class_prompt, resolution, what, limit=cfg.num_class_images,
+                         augmentation=augmentation(cfg), workers=cfg.dataloader_num_workers)
+
+
+def _where(cfg: Config, index: int, key: str) -> str:
+    """How errors name a subject's key: ``instance_data_dir``, or ``subjects.1.instance_data_dir``."""
+    return f"subjects.{index}.{key}" if cfg.subjects else key
 
 
 def run_prompts(run_dir: Path) -> list[str] | None:
@@ -117,10 +164,12 @@ def prompt_inputs(method: Method, pipe, prompts: Sequence[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def latent_distributions(vae, examples: Sequence[Example], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of ``q(z | x)`` for every example (the VAE is frozen: computed once), ``[N, 4, h, w]``."""
+    """Mean and std of ``q(z | x)`` for every variant of every example, example after example (the VAE is
+    frozen: computed once), ``[M, 4, h, w]`` with ``M = Σ V`` (``N`` without augmentation)."""
+    variants = [v for e in examples for v in e.variants]  # [3, H, W] each
     means, stds = [], []
-    for i in range(0, len(examples), batch_size):
-        pixels = torch.stack([e.pixels for e in examples[i:i + batch_size]]).to(vae.device, vae.dtype)  # [b, 3, H, W]
+    for i in range(0, len(variants), batch_size):
+        pixels = torch.stack(variants[i:i + batch_size]).to(vae.device, vae.dtype)  # [b, 3, H, W]
         dist = vae.encode(pixels).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())

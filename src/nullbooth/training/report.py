@@ -35,40 +35,54 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- validation
 
 
-def validate(cfg: Config, pipe, output_dir: Path, step: int, resolution: int) -> Path:
+def validate(cfg: Config, pipe, output_dir: Path, step: int, resolution: int) -> list[Image.Image]:
     """Sample the validation prompt with the model as it is now (image ``i`` with seed ``seed + i``, in one
-    pipeline call); a grid in ``validation/step-<step>.png``."""
+    pipeline call); their grid is written to ``validation/step-<step>.png`` and the images are returned."""
     n = cfg.num_validation_images
-    training = pipe.unet.training
-    pipe.unet.eval()  # inference: e.g. Perfusion's i* EMA must not move while sampling
+    training, encoder_training, encoder_device = pipe.unet.training, pipe.text_encoder.training, pipe.text_encoder.device
+    pipe.unet.eval()  # inference: e.g. Perfusion's i* EMA must not move while sampling, LoRA dropout must not act
+    pipe.text_encoder.eval()
+    pipe.text_encoder.to(pipe.unet.device)  # pre_compute_text_embeddings parks it on the CPU while training
     try:
         images = sample(pipe, [cfg.validation_prompt] * n, range(cfg.seed, cfg.seed + n), size=resolution,
                         steps=cfg.generate.num_inference_steps, guidance=cfg.generate.guidance_scale, batch_size=None)
     finally:
         pipe.unet.train(training)
+        pipe.text_encoder.train(encoder_training).to(encoder_device)
     path = output_dir / VALIDATION_DIR / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(path)
-    return path
+    return images
 
 
 # --------------------------------------------------------------------------- the report
 
 
 def output_info(cfg: Config, method: Method, stats_run: Path | None) -> dict[str, Any]:
-    """The common header of every output: what was trained from what, and with which software."""
+    """The common header of every output: what was trained from what, and with which software.
+
+    ``subjects`` lists every subject (instance prompt, class prompt, images; Perfusion: its concept token);
+    ``instance_prompt`` / ``class_prompt`` are the one subject's, ``None`` with several."""
     import accelerate
     import diffusers
     import peft
     import transformers
 
+    from nullbooth.methods.perfusion.subjects import concept_specs
+
     nb = cfg.nullbooth
+    subjects = [{"instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt,
+                 "instance_data_dir": s.instance_data_dir} for s in cfg.subject_list()]
+    if cfg.method == "perfusion":  # the token each subject's concept binds to (a lone entry may inherit it)
+        for row, spec in zip(subjects, concept_specs(cfg)):
+            row["concept_token"] = spec.token
+    one = cfg.subject_list()[0] if len(subjects) == 1 else cfg  # the top-level keys are unset with several
     return {
         "method": method.name,
         "pretrained_model_name_or_path": cfg.pretrained_model_name_or_path,
         "stats_run": str(stats_run) if stats_run else None,
         "nullspace_mode": nb.nullspace_mode, "nullspace_threshold": nb.nullspace_threshold,
-        "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
+        "instance_prompt": one.instance_prompt, "class_prompt": one.class_prompt, "subjects": subjects,
         "max_train_steps": cfg.max_train_steps, "learning_rate": method.lr, "resolution": cfg.resolution,
         "versions": {"nullbooth": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
@@ -111,6 +125,8 @@ def build_report(cfg: Config, method: Method, stats_run: Path | None, heldout: d
             warnings_.append(f"{row['weight']}: the null space is empty ({cfg.nullbooth.nullspace_mode} threshold "
                              f"{cfg.nullbooth.nullspace_threshold:g}): nothing was learned there; "
                              f"{empty_fix(cfg.nullbooth.nullspace_mode, spectrum)}")
+    unprotected = method.unprotected()  # e.g. nullbooth + train_text_encoder: the encoder moves X₀ itself
+    warnings_ += [f"{part}: NOT protected — {why}" for part, why in unprotected.items()]
     for w in warnings_:
         log.warning(w)
 
@@ -124,7 +140,8 @@ def build_report(cfg: Config, method: Method, stats_run: Path | None, heldout: d
         "summary": {"max_leak_preserved": summary("leak_preserved"), "max_leak_heldout": summary("leak_heldout"),
                     "max_leak_bound": summary("leak_bound"), "final_loss": losses[-1] if losses else None,
                     **budget_summary(cfg, rows),
-                    "trained_weights": sum(1 for r in rows if r.get("trained", True)), "weights": len(rows)},
+                    "trained_weights": sum(1 for r in rows if r.get("trained", True)), "weights": len(rows),
+                    "unprotected": sorted(unprotected)},
         "weights": rows, "losses": losses, "warnings": warnings_,
     }
 
@@ -162,6 +179,8 @@ def format_report(report: dict[str, Any]) -> str:
         verdict = "certified on every trained weight" if s["budget_certified"] else "NOT met"
         lines.append(f"leakage budget ε = {s['leakage_budget']:g} on the prior features: {verdict}; the projection "
                      f"pulled back {s['budget_active_weights']} weight(s) at least once (column 'projected': steps)")
+    for part in s.get("unprotected", []):
+        lines.append(f"NOT protected: {part} (see the report's warnings)")
     return "\n".join(lines)
 
 

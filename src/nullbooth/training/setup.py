@@ -19,22 +19,23 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 from torch import nn
 
 from nullbooth.config import Config, check_training
-from nullbooth.dataset import Example, load_examples
+from nullbooth.dataset import Example
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINT_PREFIX,
     CONCEPT_FILE,
+    FULL_TEXT_ENCODER_DIR,
     FULL_UNET_DIR,
     LEGACY_ADAPTER_CONFIG,
     LORA_WEIGHTS,
     MODEL_INDEX,
     PERFUSION_CONFIG,
+    SUBJECT_CONCEPT_FILE,
     TRAIN_CONFIG,
     TRAIN_REPORT,
     TRAIN_REPORT_HTML,
@@ -42,38 +43,63 @@ from nullbooth.filenames import (
 )
 from nullbooth.io import remove_stale_temporaries
 from nullbooth.locks import FolderLock, lock_folder
-from nullbooth.methods.base import Method, ParamGroups
+from nullbooth.methods.base import Method
 from nullbooth.methods.registry import make_method
 from nullbooth.models import load_pipeline
 from nullbooth.sampling import check_size
 from nullbooth.stats.capture import cross_attention_layers
 from nullbooth.stats.moments import SecondMoment
 from nullbooth.training.checkpoint import check_resume, checkpoint_step, find_checkpoint
+from nullbooth.training.optim import make_optimizer, resolve_train_steps
 from nullbooth.training.prior import (
     class_examples,
+    generation_dtype,
     heldout_statistics,
+    instance_examples,
     latent_distributions,
     prompt_inputs,
     statistics_run,
 )
+from nullbooth.training.trackers import check_backend
 
 log = logging.getLogger(__name__)
 
 # What a finished run leaves in output_dir (each method's files, the report, the config); a new run replaces them.
 RESULT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, LEGACY_ADAPTER_CONFIG, LORA_WEIGHTS, CONCEPT_FILE, PERFUSION_CONFIG,
-                FULL_UNET_DIR, TRAIN_REPORT, TRAIN_REPORT_HTML, TRAIN_CONFIG)
+                FULL_UNET_DIR, FULL_TEXT_ENCODER_DIR, TRAIN_REPORT, TRAIN_REPORT_HTML, TRAIN_CONFIG)
 
 
 @dataclass
 class Examples:
-    """An image set as the loop reads it, on the device: ``q(z | x)`` of every image and its prompt input."""
+    """An image set as the loop reads it, on the device: ``q(z | x)`` of every variant of every image (crops and
+    mirror images, :class:`nullbooth.dataset.Augmentation`; rows image after image) and each image's prompt input.
 
-    mean: torch.Tensor  # [N, 4, h, w]
-    std: torch.Tensor  # [N, 4, h, w]
+    Without augmentation every image has one variant and row ``i`` is image ``i``.
+    """
+
+    mean: torch.Tensor  # [M, 4, h, w], M = Σ variants
+    std: torch.Tensor  # [M, 4, h, w]
     text: torch.Tensor  # [N, 77] token ids (text encoder trained) or [N, 77, d] fixed encodings
+    first: torch.Tensor  # [N] long: the row of image i's first variant
+    count: torch.Tensor  # [N] long: image i's number of variants
 
     def __len__(self) -> int:
-        return self.mean.shape[0]
+        return self.text.shape[0]
+
+    @property
+    def augmented(self) -> bool:
+        """Whether some image has more than one variant (only then does :meth:`take` draw)."""
+        return self.mean.shape[0] > len(self)
+
+    def take(self, idx: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q(z | x)`` mean, std ``[B, 4, h, w]`` and prompt input ``[B, 77(, d)]`` of images ``idx``, each in a
+        variant drawn uniformly from ``generator`` — which is not drawn from when no image has several."""
+        rows: list[int] | torch.Tensor = idx
+        if self.augmented:
+            u = torch.rand(len(idx), generator=generator, device=generator.device)  # [B] in [0, 1)
+            pick = torch.minimum((u * self.count[idx]).long(), self.count[idx] - 1)  # [B], uniform over 0..V_i-1
+            rows = self.first[idx] + pick
+        return self.mean[rows], self.std[rows], self.text[idx]
 
 
 @dataclass
@@ -97,6 +123,7 @@ class Setup:
     resolution: int
     resume_dir: Path | None
     lock: FolderLock | None = None  # output_dir's, held by the main process while it trains
+    cfg: Config | None = None  # the config as trained: max_train_steps resolved from num_train_epochs
 
 
 def setup(cfg: Config, *, pipe=None, accelerator: Accelerator | None = None, progress: bool = True) -> Setup:
@@ -107,6 +134,7 @@ def setup(cfg: Config, *, pipe=None, accelerator: Accelerator | None = None, pro
     (or dropped); on an error here it is released at once.
     """
     check_training(cfg)
+    check_backend(cfg)  # a missing tracker package fails before anything is loaded or collected
     accelerator = accelerator or make_accelerator(cfg)
     lock, replaced = prepare_output_dir(cfg, accelerator)
     try:
@@ -133,21 +161,29 @@ def _setup(cfg: Config, pipe, accelerator: Accelerator, lock: FolderLock | None,
     pipe.to(accelerator.device)
     resolution = check_size(pipe, cfg.resolution)  # a multiple of the VAE's scale, at most 4× the native size
     method = make_method(cfg)
-    instance = load_examples(cfg.instance_data_dir, cfg.instance_prompt, resolution, "instance_data_dir")
+    check_data_options(cfg, method, accelerator.device)  # before the statistics and class images are made
+    instance = instance_examples(cfg, resolution)  # every subject's, each with its own prompt
 
     # -- everything the base model must see before the method changes it
     stats_run = statistics_run(cfg, pipe, accelerator, create=method.name == "nullbooth", progress=progress)
     layers = cross_attention_layers(pipe.unet, cfg.nullbooth.cross_attention_layers)
     heldout = heldout_statistics(cfg, pipe, layers) if cfg.heldout_prompts and accelerator.is_main_process else None
     classes = class_examples(cfg, pipe, accelerator, stats_run, resolution, progress)
+    cfg = resolve_train_steps(cfg, len(instance), len(classes or []), accelerator.num_processes)  # epochs → steps
 
     # -- the method's parameters, data on the device, optimizer
     param_groups = method.prepare(pipe, stats_run)
+    # What draws from torch's global RNG inside the loop (LoRA dropout) then draws the same in every run of this
+    # config; checkpoints save and restore that RNG, so a resumed run continues it.
+    torch.manual_seed(cfg.seed * 1000 + accelerator.process_index)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     instance_data = encode_examples(method, pipe, instance)
     class_data = encode_examples(method, pipe, classes) if classes else None
-    optimizer, lr_scheduler = make_optimizer(cfg, param_groups)
+    if cfg.pre_compute_text_embeddings:
+        # Every prompt is encoded now: free the accelerator's copy (diffusers deletes the encoder).
+        pipe.text_encoder.to("cpu")
+    optimizer, lr_scheduler = make_optimizer(cfg, param_groups, accelerator.num_processes)
     if method.trains_text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(pipe.unet, pipe.text_encoder, optimizer)
     else:
@@ -160,7 +196,7 @@ def _setup(cfg: Config, pipe, accelerator: Accelerator, lock: FolderLock | None,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         generator=torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index),
         instance=instance_data, classes=class_data, stats_run=stats_run, heldout=heldout, resolution=resolution,
-        resume_dir=resume_dir, lock=lock,
+        resume_dir=resume_dir, lock=lock, cfg=cfg,
     )
 
 
@@ -195,7 +231,7 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> tuple[FolderLoc
     lock = lock_folder(out, "training into it") if accelerator.is_main_process else None
     if lock is not None:
         remove_stale_temporaries(out)  # what a killed run's writers left; the lock says no writer is alive here
-    earlier = earlier_results(out)
+    earlier = earlier_results(out, cfg.logging_dir)
     if earlier and not cfg.resume_from_checkpoint and not cfg.overwrite:
         if lock is not None:
             lock.release()
@@ -206,32 +242,37 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> tuple[FolderLoc
     return lock, earlier if cfg.overwrite else []
 
 
-def earlier_results(output_dir: Path) -> list[Path]:
+def earlier_results(output_dir: Path, logging_dir: str = "logs") -> list[Path]:
     """What an earlier run left in ``output_dir`` that a new run would mix with: its result files, checkpoints
-    (finished or half-written) and validation grids."""
+    (finished or half-written), validation grids and tracker logs (when ``logging_dir`` lies inside it)."""
     if not output_dir.is_dir():
         return []
     results = [output_dir / name for name in RESULT_FILES if (output_dir / name).exists()]
+    results += sorted(output_dir.glob(SUBJECT_CONCEPT_FILE.format("*")))  # a several-subject Perfusion run's concepts
     checkpoints = sorted(p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None)
     half_written = sorted(p for p in output_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")
                           if p.is_dir() and checkpoint_step(Path(p.name[1:-4])) is not None)
     if not results and not checkpoints:
         return []  # validation grids or a half-written checkpoint alone: a run that never got anywhere
-    validation = [output_dir / VALIDATION_DIR] if (output_dir / VALIDATION_DIR).is_dir() else []
-    return results + checkpoints + half_written + validation
+    logs = (output_dir / logging_dir).resolve()
+    inside = logs != output_dir.resolve() and logs.is_relative_to(output_dir.resolve())
+    extras = [output_dir / VALIDATION_DIR] + ([output_dir / logging_dir] if inside else [])
+    return results + checkpoints + half_written + [p for p in extras if p.is_dir()]
+
+
+def check_data_options(cfg: Config, method: Method, device: torch.device) -> None:
+    """Refuse the data options this run cannot honour, before anything is collected or generated."""
+    if cfg.with_prior_preservation:
+        generation_dtype(cfg, device)  # fp16 class images need CUDA
+    if cfg.pre_compute_text_embeddings and method.trains_text_encoder:
+        raise NullBoothError(f"pre_compute_text_embeddings: method {method.name} trains part of the text encoder, so "
+                             "its encodings cannot be computed once; turn pre_compute_text_embeddings off")
 
 
 def encode_examples(method: Method, pipe, examples: list[Example]) -> Examples:
-    """The VAE is frozen, so each image's ``q(z | x)`` is computed once; so is each prompt's encoding when
-    the text encoder is frozen too (the method says), otherwise the loop encodes the token ids."""
-    mean, std = latent_distributions(pipe.vae, examples)  # [N, 4, h, w] each
-    return Examples(mean, std, prompt_inputs(method, pipe, [e.prompt for e in examples]))
-
-
-def make_optimizer(cfg: Config, param_groups: ParamGroups) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the method's parameter groups and the learning-rate schedule over ``max_train_steps``."""
-    optimizer = torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
-    return optimizer, lr_scheduler
+    """The VAE is frozen, so each image variant's ``q(z | x)`` is computed once; so is each prompt's encoding
+    when the text encoder is frozen too (the method says), otherwise the loop encodes the token ids."""
+    mean, std = latent_distributions(pipe.vae, examples)  # [M, 4, h, w] each
+    count = torch.tensor([len(e.variants) for e in examples], device=mean.device)  # [N]
+    first = torch.cumsum(count, 0) - count  # [N]
+    return Examples(mean, std, prompt_inputs(method, pipe, [e.prompt for e in examples]), first, count)

@@ -2,7 +2,8 @@
 
 Each module has one job, importing only from those above it::
 
-    covariance   C and C⁻¹: the shipped CLIP ViT-L/14 matrix, text second moments, default_covariance + cache
+    covariance   C and C⁻¹: the shipped CLIP ViT-L/14 matrix, text second moments, default_covariance + cache,
+                 and where a run's C comes from (resolve_covariance)
     loss         the mask-weighted diffusion loss
     concept      the concept token, its superclass ids, ConceptTokenEmbedding
     context      PerfusionContext / RowPlan: which rows hold a concept, their superclass encodings
@@ -11,5 +12,8 @@ Each module has one job, importing only from those above it::
     files        PerfusionConcept and concept files
     editor       PerfusionEditor: attach / train / save / load / detach on a pipeline
     compat       lucidrains/perfusion-pytorch's names, for drop-in use
-    method       ``method: perfusion`` for ``nullbooth train``, concept files for ``nullbooth generate``
+    generation   concept files for ``nullbooth generate`` / ``evaluate``, with the C they were trained with
+    subjects     one concept per subject of a run, and every config problem with it
+    masks        subject masks aligned to the instance images, at latent size
+    method       ``method: perfusion`` for ``nullbooth train``
 """

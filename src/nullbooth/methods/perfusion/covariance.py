@@ -24,17 +24,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nullbooth import __version__
+from nullbooth.config import PerfusionBlock
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import SHIPPED_COVARIANCE
 from nullbooth.models import cache_dir as nullbooth_cache_dir
+from nullbooth.prompts import read_prompt_file
 from nullbooth.stats.moments import SecondMoment
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "AUTO_EIGENVALUE_FLOOR", "CLIP_L14_TEXT_WIDTH", "accumulate_text_second_moment", "builtin_covariance_prompts",
-    "default_covariance", "inverse_covariance", "load_shipped_covariance", "module_device",
-    "shipped_covariance_for", "text_components",
+    "default_covariance", "inverse_covariance", "load_shipped_covariance", "module_device", "read_covariance_file",
+    "resolve_covariance", "shipped_covariance_for", "text_components",
 ]
 
 # the shipped C fits only SD 1.x's text encoder, recognised by its width and vocabulary
@@ -262,3 +264,50 @@ def shipped_covariance_for(dim: int) -> Tensor:
             f"no shipped covariance fits text width {dim} (only CLIP-L/14, 768); pass C=default_covariance(pipe)"
         )
     return load_shipped_covariance()
+
+
+# --------------------------------------------------------------------------- where a run's C comes from
+
+
+def read_covariance_file(path: str | Path) -> Tensor:
+    """``C`` (float64 ``[d, d]``) from a ``.npy`` file or a ``.safetensors`` file with tensor ``C``."""
+    path = Path(path)
+    if not path.is_file():
+        raise NullBoothError(f"perfusion.covariance_file: expected a file at {path}, found nothing")
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise NullBoothError(f"perfusion.covariance_file: {path} is not a plain .npy array ({err})") from None
+        return torch.from_numpy(np.asarray(array, dtype=np.float64))
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+        if "C" not in tensors:
+            raise NullBoothError(f"perfusion.covariance_file: {path} has no tensor 'C' (has {sorted(tensors)[:4]})")
+        return tensors["C"].to(torch.float64)
+    raise NullBoothError(f"perfusion.covariance_file: expected a .npy or .safetensors file, got {path.name}")
+
+
+def _sha256(C: Tensor) -> str:
+    return hashlib.sha256(C.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def resolve_covariance(pipe: Any, block: PerfusionBlock) -> tuple[Tensor, dict[str, Any]]:
+    """``C`` for ``pipe``'s (base) text encoder and how it was obtained (recorded in ``perfusion_config.json``).
+
+    ``covariance_file`` → that matrix; ``covariance_prompts`` → computed from those prompts (cached);
+    otherwise :func:`default_covariance` (shipped for SD 1.x, else computed from a built-in prompt list and
+    cached). Call it before the concept token is added.
+    """
+    if block.covariance_file is not None:
+        path = Path(block.covariance_file).resolve()
+        C, source = read_covariance_file(path), {"kind": "file", "path": str(path)}
+    elif block.covariance_prompts is not None:
+        path = Path(block.covariance_prompts).resolve()
+        prompts = read_prompt_file(path, "perfusion.covariance_prompts")
+        C, source = default_covariance(pipe, prompts), {"kind": "prompts", "path": str(path), "n_prompts": len(prompts)}
+    else:
+        C, source = default_covariance(pipe), {"kind": "default"}
+    source["shape"] = list(C.shape)
+    source["sha256"] = _sha256(C)
+    return C, source

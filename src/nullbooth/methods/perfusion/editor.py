@@ -90,8 +90,23 @@ class PerfusionEditor:
         initial ``i*`` / ``o*_V`` as means over those prompts. ``module_kwargs`` go to
         :class:`Rank1EditModule` (``input_decay``, β/τ, ``frac_gradient_concept_embed``, ...).
         """
-        editor = cls._build(pipe, [(concept_token, superclass)], C, layers=layers, eigenvalue_floor=eigenvalue_floor,
-                            **module_kwargs)
+        return cls.attach_concepts(pipe, [(concept_token, superclass)], C, layers=layers, init_prompts=init_prompts,
+                                   eigenvalue_floor=eigenvalue_floor, **module_kwargs)
+
+    @classmethod
+    def attach_concepts(cls, pipe: Any, specs: Sequence[tuple[str, str]], C: Tensor | np.ndarray | None = None, *,
+                        layers: Sequence[str] | None = None, init_prompts: Sequence[str] | None = None,
+                        eigenvalue_floor: float | Literal["auto"] | None = "auto",
+                        **module_kwargs: Any) -> "PerfusionEditor":
+        """:meth:`attach` for several ``(concept_token, superclass)`` pairs at once, trained side by side.
+
+        Concept ``k`` gets its own ``o*_V`` row, embedding row, ``i*`` and key lock to its own superclass;
+        a prompt holding only concept ``k`` is edited for ``k`` alone (eq. 3 sums over the concepts present).
+        """
+        tokens = [token for token, _ in specs]
+        if not tokens or len(set(tokens)) != len(tokens):
+            raise NullBoothError(f"expected one or more distinct concept tokens, got {tokens}")
+        editor = cls._build(pipe, list(specs), C, layers=layers, eigenvalue_floor=eigenvalue_floor, **module_kwargs)
         try:
             editor.initialize(init_prompts)
         except BaseException:
