@@ -46,6 +46,44 @@ def subject_images(folder: Path, sizes=((20, 24), (24, 24), (28, 24))) -> Path:
     return folder
 
 
+def other_sdxl_pipeline():
+    """An SDXL-like pipeline unlike tiny-sdxl: encoders 32 + 48 wide (attn2 reads 80), projection 32, two levels."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from nullbooth.models import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_clip_tokenizer()
+    clip = dict(vocab_size=49408, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, **clip))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=32, **clip))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=80, attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32, transformer_layers_per_block=(1, 2),
+        norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=EulerDiscreteScheduler(), force_zeros_for_empty_prompt=True)
+
+
+def interrupt_after(pipe, calls: int):
+    """Make the UNet raise on its ``calls + 1``-th forward: a run killed in the middle of a step."""
+    count = [0]
+
+    def hook(_module, _args):
+        count[0] += 1
+        if count[0] > calls:
+            raise KeyboardInterrupt("simulated kill")
+
+    pipe.unet.register_forward_pre_hook(hook)
+    return pipe
+
+
 def write_prompts(path: Path, prompts=PROMPTS) -> Path:
     path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     return path

@@ -29,7 +29,9 @@ from conftest import random_adapter, subject_images
 from PIL import Image
 from safetensors.torch import load_file
 
+from nullbooth import conditioning
 from nullbooth.cli import main
+from nullbooth.conditioning import text_encoders
 from nullbooth.config import config_from_dict
 from nullbooth.dataset import tokenize
 from nullbooth.errors import NullBoothError
@@ -90,7 +92,7 @@ def step(method: Perfusion, pipe, optimizer, prompt: str, seed: int) -> None:
     """One optimizer step of the instance loss on ``prompt`` (what the loop does, without its data)."""
     g = torch.Generator().manual_seed(seed)
     x, noise = torch.randn(1, 4, RES // 2, RES // 2, generator=g), torch.randn(1, 4, RES // 2, RES // 2, generator=g)
-    enc = method.encode_prompt(pipe.text_encoder, tokenize(pipe.tokenizer, [prompt]))
+    enc = method.encode_prompt(text_encoders(pipe), conditioning.tokenize(pipe, [prompt])).hidden
     method.loss(pipe.unet(x, torch.tensor([700]), enc).sample, noise, [0]).backward()
     optimizer.step()
     optimizer.zero_grad()

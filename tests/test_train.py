@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import subject_images, write_prompts
+from conftest import interrupt_after, subject_images, write_prompts
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -181,19 +181,6 @@ def test_lora_export_loaded_by_plain_diffusers_equals_our_adapter(trained):
     generated = load_pipeline("tiny-sd")
     assert load_personalization(generated, dfolder) == "dreambooth"
     assert torch.equal(unet_out(generated, prompt), a)
-
-
-def interrupt_after(pipe, calls: int):
-    """Make the UNet raise on its ``calls + 1``-th forward: a run killed in the middle of a step."""
-    count = [0]
-
-    def hook(_module, _args):
-        count[0] += 1
-        if count[0] > calls:
-            raise KeyboardInterrupt("simulated kill")
-
-    pipe.unet.register_forward_pre_hook(hook)
-    return pipe
 
 
 @pytest.mark.slow

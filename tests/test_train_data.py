@@ -20,6 +20,7 @@ from conftest import subject_images
 from PIL import Image
 
 import nullbooth.training.loop as loop_module
+from nullbooth.conditioning import Encoded
 from nullbooth.config import config_from_dict
 from nullbooth.dataset import (
     Augmentation,
@@ -136,11 +137,13 @@ def old_micro_batch(ts, cfg, m):
     rank, world, B = ts.accelerator.process_index, ts.accelerator.num_processes, cfg.train_batch_size
     idx = batch_indices(len(ts.instance), B, m, rank, world, cfg.seed)
     mean, std, prompt = ts.instance.mean[idx], ts.instance.std[idx], ts.instance.text[idx]
+    sizes = ts.instance.sizes[idx]
     if ts.classes is not None:
         cidx = batch_indices(len(ts.classes), B, m, rank, world, cfg.seed + 1)
         mean, std = torch.cat([mean, ts.classes.mean[cidx]]), torch.cat([std, ts.classes.std[cidx]])
-        prompt = torch.cat([prompt, ts.classes.text[cidx]])
-    return idx, mean, std, prompt
+        prompt = Encoded.cat([prompt, ts.classes.text[cidx]])
+        sizes = torch.cat([sizes, ts.classes.sizes[cidx]])
+    return idx, mean, std, prompt, sizes
 
 
 def test_a_default_run_trains_on_what_it_did_before_augmentation(tmp_path, monkeypatch, tiny_pipe):
@@ -155,7 +158,7 @@ def test_a_default_run_trains_on_what_it_did_before_augmentation(tmp_path, monke
     # Every latent is the centre crop's encoding, recomputed here.
     images = sorted(instance.glob("*.png"))
     expected = encodings(tiny_pipe, torch.stack([image_to_tensor(Image.open(p), RES) for p in images]))
-    for _, (idx, mean, _, _) in seen:
+    for _, (idx, mean, *_) in seen:
         assert torch.allclose(mean[:2], expected[idx], atol=1e-5)
     monkeypatch.setattr(loop_module, "micro_batch", old_micro_batch)
     before = train(make_cfg(tmp_path, "before", instance, **common, class_data_dir=str(tmp_path / "now" / "class_images")),
@@ -173,7 +176,7 @@ def test_random_flip_trains_on_the_image_and_its_mirror(tmp_path, monkeypatch, t
         seen = spy_micro_batches(monkeypatch)
         train(make_cfg(tmp_path, f"flip{flip}", instance, random_flip=flip, max_train_steps=8),
               pipe=load_pipeline("tiny-sd"), progress=False)
-        found[flip] = [which(mean[0], both) for _, (_, mean, _, _) in seen]
+        found[flip] = [which(mean[0], both) for _, (_, mean, *_) in seen]
     assert found[False] == [0] * 8
     assert set(found[True]) == {0, 1}, found[True]  # 8 fair draws: both occur (seeded; P(not) = 2⁻⁷)
 
@@ -193,7 +196,7 @@ def test_random_crops_of_a_wide_image_and_one_of_a_square_image(tmp_path, monkey
     square = encodings(pipe, image_to_tensor(Image.open(instance / "b_square.png"), RES)[None])
     drawn = set()
     for m in range(12):
-        idx, mean, _, _ = loop_module.micro_batch(ts, cfg, m)
+        idx, mean, *_ = loop_module.micro_batch(ts, cfg, m)
         for i, row in zip(idx, mean):
             if i == 0:
                 drawn.add(which(row, crops))
@@ -234,7 +237,7 @@ def test_precomputed_text_embeddings_move_the_encoder_off_the_device(tmp_path, m
     ts = setup(cfg, pipe=pipe, progress=False)
     ts.lock.release()
     assert moved and moved[-1] == ("cpu",) and pipe.text_encoder.device.type == "cpu"
-    assert torch.equal(ts.instance.text, prompt_inputs(ts.method, pipe, [cfg.instance_prompt]))
+    assert torch.equal(ts.instance.text.hidden, prompt_inputs(ts.method, pipe, [cfg.instance_prompt]).hidden)
     # Validation borrows the encoder back: its images equal those of a run that never moved it.
     for name, pre in (("pre2", True), ("plain", False)):
         train(make_cfg(tmp_path, name, instance, pre_compute_text_embeddings=pre, validation_prompt="a photo of sks dog",
@@ -260,10 +263,11 @@ def test_two_subjects_train_in_one_run_with_their_own_prompts_and_class_images(t
     assert [e.prompt for e in examples] == ["a photo of sks dog"] * 2 + ["a photo of zwx cat"]
     ts = seen[0][0]
     expected = prompt_inputs(ts.method, tiny_pipe, [e.prompt for e in examples])
-    assert torch.allclose(ts.instance.text, expected, atol=1e-6)  # the loop's encodings: one per example
+    assert torch.allclose(ts.instance.text.hidden, expected.hidden, atol=1e-6)  # the loop's encodings: one per example
     # Class images per subject, each in its own folder with its own prompt (already there: nothing generated).
     classes = class_examples(cfg, None, None, None, RES)
     assert [e.prompt for e in classes] == ["a photo of dog"] * 2 + ["a photo of cat"] * 2
     assert [Path(e.source).parent.name for e in classes] == ["0", "0", "1", "1"]
     assert not torch.equal(classes[0].pixels, classes[2].pixels)  # seed 3 with another prompt
-    assert torch.allclose(ts.classes.text, prompt_inputs(ts.method, tiny_pipe, [e.prompt for e in classes]), atol=1e-6)
+    assert torch.allclose(ts.classes.text.hidden, prompt_inputs(ts.method, tiny_pipe, [e.prompt for e in classes]).hidden,
+                          atol=1e-6)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subject_images
+from conftest import interrupt_after, subject_images
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
@@ -143,16 +143,6 @@ def test_noise_offset_shifts_each_channel_by_the_drawn_offset(instance, tmp_path
 # --------------------------------------------------------------------------- optimizers
 
 
-def interrupt_after(pipe, calls: int):
-    count = [0]
-
-    def hook(_module, _args):
-        count[0] += 1
-        if count[0] > calls:
-            raise KeyboardInterrupt("simulated kill")
-
-    pipe.unet.register_forward_pre_hook(hook)
-    return pipe
 
 
 def test_prodigy_trains_and_resumes_bit_for_bit(instance, tmp_path):

@@ -69,11 +69,19 @@ CENTER = Augmentation()  # one variant per image: the centre crop
 @dataclass(frozen=True)
 class Example:
     """One training image as its variants ``[V, 3, H, W]`` in ``[-1, 1]`` (crop 0, crop 0 mirrored, crop 1, …;
-    ``V = 1`` without augmentation) and the prompt it is paired with."""
+    ``V = 1`` without augmentation) and the prompt it is paired with.
+
+    ``original_size`` ``(h, w)`` (before resizing) and each variant's ``crops_top_left`` ``(top, left)`` in the resized
+    image are SDXL's size micro-conditioning (Podell et al. 2023, §2.2; :func:`nullbooth.conditioning.time_ids`). A
+    mirrored variant's crop is given in the mirrored image, as diffusers' ``train_dreambooth_lora_sdxl.py`` flips
+    before it crops. Empty: the variants are whole ``resolution``² images (original = target, no crop).
+    """
 
     variants: torch.Tensor
     prompt: str
     source: str
+    original_size: tuple[int, int] | None = None
+    crops_top_left: tuple[tuple[int, int], ...] = ()
 
     @property
     def pixels(self) -> torch.Tensor:
@@ -221,7 +229,20 @@ def make_examples(images: Sequence[tuple[Path, Image.Image]], prompts: Sequence[
     corners = [crop_corners(image.size, resolution, augmentation, generator) for _, image in images]
     variants = thread_map(lambda i: image_variants(images[i][1], resolution, corners[i], augmentation.random_flip),
                           range(len(images)), workers)
-    return [Example(v, prompt, str(path)) for (path, _), v, prompt in zip(images, variants, prompts)]
+    return [Example(v, prompt, str(path), (image.height, image.width),
+                    crop_offsets(image.size, resolution, c, augmentation.random_flip))
+            for (path, image), v, prompt, c in zip(images, variants, prompts, corners)]
+
+
+def crop_offsets(size: tuple[int, int], resolution: int, corners: Sequence[tuple[int, int]],
+                 flip: bool) -> tuple[tuple[int, int], ...]:
+    """``(top, left)`` of every variant :func:`image_variants` makes from ``corners`` ``(left, top)``, in its order;
+    a mirrored crop at ``left`` is the crop at ``w − resolution − left`` of the mirrored resized image."""
+    w, _ = resized_size(size, resolution)
+    out: list[tuple[int, int]] = []
+    for left, top in corners:
+        out += [(top, left), (top, w - resolution - left)] if flip else [(top, left)]
+    return tuple(out)
 
 
 def load_examples(folder: str | Path, prompt: str, resolution: int, what: str, *, allow_empty: bool = False,

@@ -18,6 +18,7 @@ SHIPPED_COVARIANCE = PACKAGE_DATA / "clip_vit_l14_text_covariance.npy"
 MANIFEST = "manifest.json"
 PROMPTS_FILE = "prompts.txt"
 SUMMED_STATS = Path("stats") / "summed.safetensors"
+SUMMED_SPECTRA = Path("stats") / "summed_eig.safetensors"  # eigh of each summed statistic / count, written once
 TIMESTEP_SUMS_DIR = Path("stats") / "timestep_sums"
 OLD_TIMESTEP_SUMS = Path("stats") / "timestep_sums.safetensors"
 COLLECT_CHECKPOINT = Path(".partial") / "checkpoint.safetensors"  # one shard; checkpoint.rank{r}.safetensors per shard

@@ -2,7 +2,7 @@
 
 What a training ``output_dir`` holds decides how it is loaded: a nullbooth adapter
 (``nullbooth_adapter_config.json`` + ``nullbooth_adapter.safetensors``) is injected exactly, with the text
-encoder's LoRA from its LoRA file when it was trained; a dreambooth ``unet/`` folder replaces the UNet, and a
+encoders' LoRA (SDXL: both) from its LoRA file when they were trained; a dreambooth ``unet/`` folder replaces the UNet, and a
 ``text_encoder/`` folder beside it the text encoder; a diffusers LoRA (``pytorch_lora_weights.safetensors``, ours or
 anyone's) goes through plain ``pipe.load_lora_weights``; Perfusion concept files (with ``--concept``
 for more, ``--beta``/``--tau`` for the gate) are attached by :mod:`nullbooth.methods.perfusion.method`. Without
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from nullbooth.conditioning import encoder_names
 from nullbooth.config import Config, PerfusionBlock
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import (
@@ -108,7 +109,7 @@ def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 def _lora_expectations(pipe, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...] | None]:
     """For every peft/diffusers-style LoRA tensor, the shape ``pipe`` needs (``None``: no such layer in ``pipe``).
     Keys of other layouts (kohya, attention processors) are left to diffusers."""
-    parts = {"unet": pipe.unet, TEXT_ENCODER: pipe.text_encoder}
+    parts = {"unet": pipe.unet, **{name: getattr(pipe, name) for name in encoder_names(pipe)}}
     out: dict[str, tuple[int, ...] | None] = {}
     for key, shape in shapes.items():
         prefix, _, rest = key.partition(".")
@@ -116,7 +117,7 @@ def _lora_expectations(pipe, shapes: dict[str, tuple[int, ...]]) -> dict[str, tu
         if prefix not in parts or side is None or ".processor." in rest:
             continue
         module_path = rest[: -len(next(s for s in _LORA_SIDES if rest.endswith(s)))]
-        if prefix == TEXT_ENCODER and not hasattr(pipe.text_encoder, "text_model"):
+        if prefix != "unet" and not hasattr(parts[prefix], "text_model"):
             module_path = module_path.removeprefix("text_model.")  # transformers ≥ 5 flattens CLIPTextModel
         try:
             weight = parts[prefix].get_submodule(module_path).weight
@@ -231,16 +232,18 @@ def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | Non
 
 
 def _load_encoder_lora(pipe, file: Path) -> None:
-    """The ``text_encoder.`` part of a diffusers LoRA file into ``pipe.text_encoder``, through diffusers' own loader
-    (the UNet part is nullbooth's exact adapter, already injected)."""
+    """The ``text_encoder.`` (and SDXL's ``text_encoder_2.``) parts of a diffusers LoRA file into the pipeline's text
+    encoders, through diffusers' own loader (the UNet part is nullbooth's exact adapter, already injected)."""
     if not file.is_file():
         raise NullBoothError(f"adapter: the nullbooth adapter in {file.parent} was trained with train_text_encoder and "
                              f"its text-encoder LoRA lives in {file.name}, which is missing; copy the whole training "
                              "output_dir")
     state, alphas = pipe.lora_state_dict(str(file.parent), weight_name=file.name, use_safetensors=True)
     # No metadata needed: rank from the shapes, α = r (scale 1) is what diffusers assumes without alphas.
-    pipe.load_lora_into_text_encoder({k: v for k, v in state.items() if k.startswith(f"{TEXT_ENCODER}.")}, alphas,
-                                     pipe.text_encoder, _pipeline=pipe)
+    for name in encoder_names(pipe):
+        part = {k: v for k, v in state.items() if k.startswith(f"{name}.")}
+        if part:
+            pipe.load_lora_into_text_encoder(part, alphas, getattr(pipe, name), prefix=name, _pipeline=pipe)
 
 
 def check_output_dir(path: Path, what: str) -> None:

@@ -38,7 +38,8 @@ def prompt_seed_pairs(prompts: Sequence[str], seeds: Sequence[int]) -> tuple[lis
 
 
 def default_size(pipe) -> int:
-    """The pipeline's native image side (``sample_size × vae_scale_factor``)."""
+    """The pipeline's native image side (``sample_size × vae_scale_factor``; SD 1.5: 512, SD 2.1: 768, SDXL: 128 × 8 =
+    1024, tiny-sd and tiny-sdxl: 64), as diffusers' SD and SDXL pipelines both default their height and width."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
@@ -84,9 +85,9 @@ def check_size(pipe, size: int | None, name: str = "resolution") -> int:
     The VAE turns ``size`` pixels into ``size / f`` latents (``f = vae_scale_factor``), so ``size`` must be a
     multiple of ``f``; the UNet halves the latent once per level below the top (``L`` levels), so
     ``size ≥ f · 2^(L-1)`` leaves the deepest level at least one latent pixel. Above: at most
-    ``MAX_SIZE_FACTOR`` × the native side (SD 1.x: 2048, tiny-sd: 256). Convolutions cost ∝ side², self-attention
-    ∝ side⁴ in memory without a fused kernel, and a model trained at side ``N`` repeats and breaks up its subjects
-    well before ``4N``; an 8192 image on tiny-sd ran away with 12 GB. ``$NULLBOOTH_MAX_RESOLUTION`` (pixels) moves
+    ``MAX_SIZE_FACTOR`` × the native side (SD 1.x: 2048, SDXL: 4096, tiny-sd: 256). Convolutions cost ∝ side²,
+    self-attention ∝ side⁴ in memory without a fused kernel, and a model trained at side ``N`` repeats and breaks up
+    its subjects well before ``4N``; an 8192 image on tiny-sd ran away with 12 GB. ``$NULLBOOTH_MAX_RESOLUTION`` (pixels) moves
     the cap for whoever means it. Training and every sampling verb call this before any work.
     """
     native = default_size(pipe)
@@ -165,7 +166,8 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, gu
 
     ``batch_size`` images per pipeline call (``None``: all in one call); any batch size gives the same
     images up to float round-off (see the module docstring). Extra keyword arguments go to the pipeline call
-    unchanged.
+    unchanged. SDXL's micro-conditioning keeps the pipeline's defaults: original and target size ``(size, size)``,
+    crop corner ``(0, 0)`` — the conditioning of an uncropped image drawn at the size asked for.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"sample: expected one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")

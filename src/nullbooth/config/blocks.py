@@ -118,7 +118,20 @@ class NullBoothBlock(_Block):
     sampler: str = Field("uniform", description="'uniform' (seed: 980, 960, … 0 for 50 steps) or a diffusers scheduler class name")
     collection_batch_size: int = Field(8, ge=1)
     nullspace_mode: NullspaceMode = "absolute"
-    checkpoint_every: int = Field(1, ge=1, description="write a resumable checkpoint every N prompt batches")
+    checkpoint_every: int | None = Field(None, ge=1, description="write a resumable checkpoint every N prompt batches "
+                                         "(instead of by time; default: by time, see checkpoint_minutes)")
+    checkpoint_minutes: float = Field(10.0, gt=0.0, description="write a resumable checkpoint after the first batch, "
+                                      "then whenever this many minutes passed since the last one, and at the end")
+    accumulator_memory_gb: float | None = Field(None, gt=0.0, description="memory the collection's per-timestep "
+                                                "float64 sums may take on the model's device; default: 70% of its free "
+                                                "memory (CUDA) or of the available RAM (CPU)")
+    accumulator_device: Literal["auto", "device", "host"] = Field(
+        "auto", description="where per-timestep sums live: on the model's device, in host RAM (products still formed on "
+        "the device), or auto: the device when they fit accumulator_memory_gb, else the host")
+    accumulation_precision: Literal["auto", "float64", "float32"] = Field(
+        "auto", description="precision of the feature products XᵀX (their sums are float64 either way): float32 is "
+        "fast on GPUs with slow float64 (consumer cards); auto: float64 on CPUs and on GPUs with fast float64 "
+        "(P100/V100/A100/H100/B200), else float32")
     save_generations: bool = Field(False, description="also decode and keep the collection's images (reusable as class images)")
     attention_map_prompts: int = Field(2, ge=0, description="how many prompts get attention-map pictures")
     keep_timestep_sums: bool = Field(False, description="also keep exact float64 per-timestep sums (large) for exact per-timestep merges")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nullbooth.conditioning import encoder_names
 from nullbooth.config import PerfusionBlock
 from nullbooth.dataset import read_image_folder
 from nullbooth.errors import NullBoothError
@@ -99,7 +100,7 @@ def architecture(folder: str | Path) -> dict[str, Any]:
     """The configuration values of a diffusers folder that decide whether weights are interchangeable."""
     folder = Path(folder)
     out: dict[str, Any] = {}
-    for sub, keys in (("unet", _UNET_KEYS), ("text_encoder", _TEXT_KEYS)):
+    for sub, keys in (("unet", _UNET_KEYS), ("text_encoder", _TEXT_KEYS), ("text_encoder_2", _TEXT_KEYS)):
         path = folder / sub / "config.json"
         if path.is_file():
             cfg = read_json(path, f"a {sub} config")
@@ -109,8 +110,9 @@ def architecture(folder: str | Path) -> dict[str, Any]:
 
 def pipe_architecture(pipe) -> dict[str, Any]:
     out = {f"unet.{k}": pipe.unet.config.get(k) for k in _UNET_KEYS if k in pipe.unet.config}
-    te = pipe.text_encoder.config
-    out.update({f"text_encoder.{k}": getattr(te, k) for k in _TEXT_KEYS if hasattr(te, k)})
+    for name in encoder_names(pipe):  # SDXL: both encoders
+        te = getattr(pipe, name).config
+        out.update({f"{name}.{k}": getattr(te, k) for k in _TEXT_KEYS if hasattr(te, k)})
     return out
 
 

@@ -22,9 +22,9 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LEGACY_ADAPTER_CONFIG
 from nullbooth.io import load_tensors, read_json, save_tensors, write_json
 from nullbooth.methods.adapters import inject_null_space_adapters, null_space_adapters, target_name
-from nullbooth.runs.layout import load_summed_statistics, read_manifest
+from nullbooth.runs.layout import TEXT_KEY, load_summed_statistics, read_manifest, stat_key, summed_spectra
 from nullbooth.stats.capture import CrossAttentionLayer
-from nullbooth.stats.nullspace import empty_fix, full_fix, null_space
+from nullbooth.stats.nullspace import NullSpace, Spectrum, empty_fix, full_fix, null_space_of
 
 ADAPTER_FORMAT = "nullbooth-adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -41,7 +41,8 @@ def bases_from_run(run_dir: str | Path, layers: Sequence[CrossAttentionLayer | s
 
     One projector per weight comes from ``Σ_t Σ xxᵀ`` (docs/design.md §2). ``layers``/``features`` default to
     the run's; ``mode``/``threshold`` to the run's ``nullspace_mode``/``nullspace_threshold``. k and v
-    read the same text statistic, so its ``eigh`` is computed once and both get the same tensor.
+    read the same text statistic and get the same tensor. The ``eigh`` of each statistic is the one finalize stored
+    (``stats/summed_eig.safetensors``); a run without it is decomposed here, batched by width.
     ``CrossAttentionLayer`` arguments are checked against the run (names, input widths): all mismatches
     are reported in one error. The second value holds per target ``dim``, ``null_dim``,
     ``lambda_max_null`` (the leakage bound: ``‖ΔW X₀‖²_F / n ≤ ‖ΔW‖²_F · lambda_max_null``), ``lambda_min``,
@@ -87,15 +88,18 @@ def bases_from_run(run_dir: str | Path, layers: Sequence[CrossAttentionLayer | s
         )
 
     stats = load_summed_statistics(run_dir)
-    cache: dict[int, Any] = {}  # id(statistic) → NullSpace: the shared text statistic is decomposed once
+    summed = {(TEXT_KEY if f in ("k", "v") else stat_key(name, f)): stats[(name, f)] for name, _ in selected for f in features}
+    # The eigh stored at finalize (checked against the statistic in O(d²)); only an older run decomposes here.
+    eig = summed_spectra(run_dir, manifest["key"], summed)
+    cache: dict[str, NullSpace] = {}  # summed key → NullSpace: k and v share the text statistic's
     bases: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
     for name, _ in selected:
         for f in features:
-            stat = stats[(name, f)]
-            if id(stat) not in cache:
-                cache[id(stat)] = null_space(stat.moment(), mode, threshold)
-            ns = cache[id(stat)]
+            stat, key = stats[(name, f)], TEXT_KEY if f in ("k", "v") else stat_key(name, f)
+            if key not in cache:
+                cache[key] = null_space_of(Spectrum.of_eigh(*eig[key]), mode, threshold)
+            ns = cache[key]
             path = target_name(name, f)
             bases[path] = ns.basis
             info[path] = {

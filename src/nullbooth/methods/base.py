@@ -17,14 +17,19 @@ like with like:
 ``unprotected`` and ``save``.
 
 ``train_text_encoder`` (diffusers' flag) adds the text encoder, in its own optimizer group ``{"name":
-"text_encoder"}`` at ``text_encoder_lr``: dreambooth trains all of it (diffusers' ``train_dreambooth.py``), lora and
-nullbooth a LoRA of rank ``lora_rank`` on its self-attention projections (diffusers' ``train_dreambooth_lora.py``),
-:meth:`Method.text_encoder_lora`. No method constrains it; nullbooth says so in ``unprotected``.
+"text_encoder"}`` at ``text_encoder_lr``: dreambooth trains all of it (diffusers' ``train_dreambooth.py``; SD only),
+lora and nullbooth a LoRA of rank ``lora_rank`` on the self-attention projections of every text encoder — SDXL's
+two, as diffusers' ``train_dreambooth_lora_sdxl.py`` — (:meth:`Method.text_encoder_lora`). No method constrains it;
+nullbooth says so in ``unprotected``.
+
+Both pipeline families go through :mod:`nullbooth.conditioning`: :meth:`Method.encode_prompt` takes the list of text
+encoders and token ids ``[E, B, 77]`` and returns an :class:`~nullbooth.conditioning.Encoded`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nullbooth.conditioning import Encoded, encode_ids, encoder_names, is_sdxl, text_encoders
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.methods.adapters import adapter_targets
@@ -75,13 +81,23 @@ class Method:
 
     # -- set-up
 
+    def check(self, pipe) -> None:
+        """Refuse, before anything is computed for the run, a pipeline this method and config cannot train or export.
+
+        kohya's SDXL files name UNet modules by the original SGM layout (``input_blocks_…``), which the kohya export
+        does not write, so ``lora_format: kohya`` is refused on SDXL."""
+        if self.cfg.lora_format == "kohya" and is_sdxl(pipe):
+            raise NullBoothError("lora_format: 'kohya' is written for SD 1.x/2.x module names; this is an SDXL "
+                                 "pipeline, whose kohya files use the SGM layout (input_blocks_…) that this export "
+                                 "does not write; use lora_format: diffusers (diffusers and ComfyUI load it)")
+
     def prepare(self, pipe, stats_run: Path | None) -> ParamGroups:
         """Freeze the pipeline, make the method's parameters trainable; return optimizer parameter groups."""
         raise NotImplementedError
 
     def _freeze(self, pipe) -> None:
         self.pipe = pipe
-        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for part in (pipe.unet, pipe.vae, *text_encoders(pipe)):
             part.requires_grad_(False)
         self.targets = adapter_targets(pipe.unet, self.layers(pipe), self.features())
 
@@ -92,28 +108,30 @@ class Method:
         return {"params": list(pipe.text_encoder.parameters()), "lr": self.text_encoder_lr, "name": "text_encoder"}
 
     def text_encoder_lora(self, pipe, *, dropout: float = 0.0, dora: bool = False) -> dict[str, Any]:
-        """peft LoRA (rank ``lora_rank``, ``α = r``) on the ``q/k/v/out_proj`` of every self-attention of the text
-        encoder, as diffusers' ``train_dreambooth_lora.py``; its optimizer group. The encoder is put in train mode
-        (LoRA dropout) and the factors drawn from the config's seed, as for the UNet's LoRA."""
+        """peft LoRA (rank ``lora_rank``, ``α = r``) on the ``q/k/v/out_proj`` of every self-attention of each text
+        encoder (SDXL: both), as diffusers' ``train_dreambooth_lora.py`` / ``train_dreambooth_lora_sdxl.py``; one
+        optimizer group for all of them. The encoders are put in train mode (LoRA dropout) and encoder ``e``'s
+        factors drawn from the config's seed + 1 + e, as for the UNet's LoRA."""
         from peft import LoraConfig, inject_adapter_in_model
 
-        encoder = pipe.text_encoder
-        # Structural: the modules that hold all four projections, whatever the encoder's nesting.
-        targets = [f"{path}.{p}" for path, m in encoder.named_modules()
-                   if all(isinstance(getattr(m, p, None), nn.Linear) for p in TEXT_ATTENTION) for p in TEXT_ATTENTION]
-        if not targets:
-            raise NullBoothError(f"train_text_encoder: expected a CLIP text encoder with self-attention "
-                                 f"{'/'.join(TEXT_ATTENTION)} projections, got {type(encoder).__name__} without any; "
-                                 "turn train_text_encoder off for this model")
-        config = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank, lora_dropout=dropout, use_dora=dora,
-                            init_lora_weights="gaussian", target_modules=targets)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.cfg.seed + 1)  # + 1: not the UNet LoRA's draws
-            # peft's own injector: transformers' add_adapter demands a newer peft than diffusers does.
-            inject_adapter_in_model(config, encoder)
-        encoder.train()
-        return {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": self.text_encoder_lr,
-                "name": "text_encoder"}
+        params = []
+        for e, encoder in enumerate(text_encoders(pipe)):
+            # Structural: the modules that hold all four projections, whatever the encoder's nesting.
+            targets = [f"{path}.{p}" for path, m in encoder.named_modules()
+                       if all(isinstance(getattr(m, p, None), nn.Linear) for p in TEXT_ATTENTION) for p in TEXT_ATTENTION]
+            if not targets:
+                raise NullBoothError(f"train_text_encoder: expected a CLIP text encoder with self-attention "
+                                     f"{'/'.join(TEXT_ATTENTION)} projections, got {type(encoder).__name__} without "
+                                     "any; turn train_text_encoder off for this model")
+            config = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_rank, lora_dropout=dropout,
+                                use_dora=dora, init_lora_weights="gaussian", target_modules=targets)
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed + 1 + e)  # + 1: not the UNet LoRA's draws
+                # peft's own injector: transformers' add_adapter demands a newer peft than diffusers does.
+                inject_adapter_in_model(config, encoder)
+            encoder.train()
+            params += [p for p in encoder.parameters() if p.requires_grad]
+        return {"params": params, "lr": self.text_encoder_lr, "name": "text_encoder"}
 
     def layers(self, pipe) -> list:
         return cross_attention_layers(pipe.unet, self.cfg.nullbooth.cross_attention_layers)
@@ -127,10 +145,11 @@ class Method:
         """Entered around the whole loop (Perfusion records text-encoder calls here)."""
         return contextlib.nullcontext()
 
-    def encode_prompt(self, text_encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Text encodings ``[B, 77, d]``; the text encoder is frozen unless the method trains it."""
+    def encode_prompt(self, encoders: Sequence[nn.Module], ids: torch.Tensor) -> Encoded:
+        """Encodings of token ids ``[E, B, 77]`` by the pipeline's ``E`` text encoders
+        (:func:`nullbooth.conditioning.encode_ids`); the encoders are frozen unless the method trains them."""
         with torch.set_grad_enabled(self.trains_text_encoder and torch.is_grad_enabled()):
-            return text_encoder(input_ids)[0]
+            return encode_ids(encoders, ids)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, idx: list[int]) -> torch.Tensor:
         """The instance loss of the batch's instance examples ``idx`` (DreamBooth: plain MSE; Perfusion may mask it)."""
@@ -146,9 +165,10 @@ class Method:
     # -- checkpoints, report, output
 
     def trainable(self) -> dict[str, torch.Tensor]:
-        """Every trainable tensor by a structural name (``unet.<path>`` / ``text_encoder.<path>``)."""
+        """Every trainable tensor by a structural name (``unet.<path>`` / ``text_encoder.<path>`` /
+        ``text_encoder_2.<path>``)."""
         out = {}
-        for prefix in ("unet", "text_encoder"):
+        for prefix in ("unet", *encoder_names(self.pipe)):
             for name, p in getattr(self.pipe, prefix).named_parameters():
                 if p.requires_grad:
                     out[f"{prefix}.{name}"] = p

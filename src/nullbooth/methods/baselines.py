@@ -2,7 +2,8 @@
 
 Both train the ``attn2`` ``to_q``/``to_k``/``to_v``/``to_out.0`` weights that nullbooth protects, with
 biases frozen, so a comparison differs only in the constraint. With ``train_text_encoder`` dreambooth trains the
-whole text encoder (saved as ``text_encoder/`` beside ``unet/``) and lora a LoRA on it (in the same LoRA file).
+whole text encoder (saved as ``text_encoder/`` beside ``unet/``; SD only) and lora a LoRA on each text encoder (in
+the same LoRA file; SDXL: both, as diffusers' ``train_dreambooth_lora_sdxl.py``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 
 import torch
 
+from nullbooth.conditioning import encoder_names, is_sdxl
+from nullbooth.errors import NullBoothError
 from nullbooth.filenames import FULL_TEXT_ENCODER_DIR, FULL_UNET_DIR
 from nullbooth.methods.base import Method, ParamGroups, WeightChanges
 from nullbooth.methods.lora_export import (
     PEFT_ADAPTER,
-    TEXT_ENCODER,
     dense_deltas,
     export_diffusers_lora,
     peft_lora_factors,
@@ -35,6 +37,14 @@ class DreamBooth(Method):
     """The protected weights trained without constraint (biases frozen, like nullbooth)."""
 
     name = "dreambooth"
+
+    def check(self, pipe) -> None:
+        super().check(pipe)
+        if self.trains_text_encoder and is_sdxl(pipe):
+            # The output would need a second full encoder folder that generate and the model card do not read.
+            raise NullBoothError("train_text_encoder: dreambooth trains the whole text encoder on SD 1.x/2.x only; "
+                                 "this SDXL pipeline has two; use method lora or nullbooth (a LoRA on both encoders, "
+                                 "as diffusers' train_dreambooth_lora_sdxl.py) or turn train_text_encoder off")
 
     def prepare(self, pipe, stats_run: Path | None) -> ParamGroups:
         self._freeze(pipe)
@@ -101,9 +111,9 @@ class Lora(Method):
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
         parts = {"unet": peft_lora_tensors(self.pipe.unet, "unet")}
         factors, scales = peft_lora_factors(self.pipe.unet, "unet")
-        if self.trains_text_encoder:
-            parts[TEXT_ENCODER] = peft_lora_tensors(self.pipe.text_encoder, TEXT_ENCODER)
-            te_factors, te_scales = peft_lora_factors(self.pipe.text_encoder, TEXT_ENCODER)
+        for name in encoder_names(self.pipe) if self.trains_text_encoder else ():
+            parts[name] = peft_lora_tensors(getattr(self.pipe, name), name)
+            te_factors, te_scales = peft_lora_factors(getattr(self.pipe, name), name)
             factors, scales = {**factors, **te_factors}, {**scales, **te_scales}
         return [write_diffusers_lora(output_dir, parts), *self.kohya_export(output_dir, factors, scales)]
 

@@ -4,9 +4,10 @@
 reads: for an adapter ``ΔW = B A`` with ``B = M``, ``A = Uᵀ`` and scale 1 (exact, rank ``k``); for a
 full-weight method (dreambooth) the dense ``ΔW`` of :func:`dense_deltas` factorised by SVD
 (:func:`lora_factors`, exact up to the numerical rank); for peft LoRA layers (method ``lora``, and the
-text encoder under ``train_text_encoder``) their own factors and DoRA magnitudes (:func:`peft_lora_tensors`).
-:func:`export_kohya_lora` writes the same factors with kohya's key names (``lora_format: kohya``) for A1111
-and ComfyUI; kohya has no DoRA.
+text encoders under ``train_text_encoder``) their own factors and DoRA magnitudes (:func:`peft_lora_tensors`). Text
+encoders are keyed by their pipeline attribute, ``text_encoder.`` and (SDXL) ``text_encoder_2.``, as diffusers'
+``StableDiffusionXLPipeline.save_lora_weights`` writes them. :func:`export_kohya_lora` writes the same factors with
+kohya's key names (``lora_format: kohya``, SD 1.x/2.x) for A1111 and ComfyUI; kohya has no DoRA.
 """
 
 from __future__ import annotations
@@ -96,15 +97,15 @@ def update_factors(deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torc
 def export_diffusers_lora(output_dir: str | Path,
                           deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] | None = None, *,
                           unet: nn.Module | None = None, rtol: float | None = None,
-                          text_encoder: nn.Module | None = None) -> Path:
+                          text_encoders: Mapping[str, nn.Module] | None = None) -> Path:
     """Write ``<output_dir>/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(output_dir)``.
 
     The factors are :func:`update_factors`' (``unet`` adapters or ``deltas``). Keys are peft-style
     ``unet.<module path>.lora_A.weight`` / ``lora_B.weight`` (float32). The file carries diffusers'
     ``lora_adapter_metadata`` with ``lora_alpha = r`` for every module (``alpha_pattern = rank_pattern``),
     so the LoRA scale ``alpha / r`` is exactly 1; diffusers ≥ 0.34 reads it, older versions infer the
-    same config from the shapes. A ``text_encoder`` carrying peft LoRA layers (``train_text_encoder``) is
-    written into the same file under diffusers' ``text_encoder.`` prefix (:func:`peft_lora_tensors`).
+    same config from the shapes. ``text_encoders`` carrying peft LoRA layers (``train_text_encoder``), by pipeline
+    attribute, are written into the same file under that prefix (:func:`peft_lora_tensors`).
     """
     factors = update_factors(deltas, unet=unet, rtol=rtol)
     tensors: dict[str, torch.Tensor] = {}
@@ -117,14 +118,15 @@ def export_diffusers_lora(output_dir: str | Path,
     pattern = {p: k for p, k in ranks.items() if k != r}
     parts = {"unet": (tensors, {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
                                 "target_modules": sorted(ranks), "use_dora": False, "lora_bias": False})}
-    if text_encoder is not None:
-        parts[TEXT_ENCODER] = peft_lora_tensors(text_encoder, TEXT_ENCODER)
+    for name, encoder in (text_encoders or {}).items():
+        parts[name] = peft_lora_tensors(encoder, name)
     return write_diffusers_lora(output_dir, parts)
 
 
 def write_diffusers_lora(output_dir: str | Path,
                          parts: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]]) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` from ``{"unet" | "text_encoder": (tensors, lora config)}``: the
+    """Write ``pytorch_lora_weights.safetensors`` from ``{"unet" | "text_encoder" | "text_encoder_2": (tensors, lora
+    config)}``: the
     tensors keyed as diffusers reads them, each part's peft ``LoraConfig`` fields as ``lora_adapter_metadata``
     (``<part>.<field>``, the layout of diffusers' ``save_lora_weights``)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -155,14 +157,14 @@ def peft_lora_tensors(model: nn.Module, part: str) -> tuple[dict[str, torch.Tens
     """``model``'s peft LoRA as a part of a diffusers LoRA file: ``<part>.<path>.lora_A.weight`` / ``.lora_B.weight``
     and, with DoRA, ``.lora_magnitude_vector.weight`` (the name of peft's parameter, which both diffusers' UNet loader
     and transformers' ``load_adapter`` map onto it), float32; and the ``LoraConfig`` fields diffusers rebuilds it
-    from. Text-encoder paths are spelled with ``text_model.`` (:func:`text_module_path`)."""
+    from. Text-encoder paths (every ``part`` but ``unet``) are spelled with ``text_model.`` (:func:`text_module_path`)."""
     layers = peft_lora_layers(model)
     if not layers:
         raise NullBoothError(f"export a LoRA: the {part} has no peft LoRA layers; add the adapter first")
     config = model.peft_config[PEFT_ADAPTER]
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in layers.items():
-        key = f"{part}.{text_module_path(model, path) if part == TEXT_ENCODER else path}"
+        key = f"{part}.{path if part == 'unet' else text_module_path(model, path)}"
         tensors[f"{key}.lora_A.weight"] = _cpu32(layer.lora_A[PEFT_ADAPTER].weight)
         tensors[f"{key}.lora_B.weight"] = _cpu32(layer.lora_B[PEFT_ADAPTER].weight)
         if layer.use_dora[PEFT_ADAPTER]:
@@ -175,10 +177,10 @@ def peft_lora_tensors(model: nn.Module, part: str) -> tuple[dict[str, torch.Tens
 
 def peft_lora_factors(model: nn.Module, part: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
     """``(B, A)`` and the scale ``alpha / r`` of every peft LoRA layer of ``model``, keyed as :func:`kohya_name`
-    reads them (UNet paths; ``text_encoder.text_model.…`` for the text encoder)."""
+    reads them (UNet paths; ``<part>.text_model.…`` for a text encoder)."""
     factors, scales = {}, {}
     for path, layer in peft_lora_layers(model).items():
-        key = f"{TEXT_ENCODER}.{text_module_path(model, path)}" if part == TEXT_ENCODER else path
+        key = path if part == "unet" else f"{part}.{text_module_path(model, path)}"
         factors[key] = (layer.lora_B[PEFT_ADAPTER].weight, layer.lora_A[PEFT_ADAPTER].weight)
         scales[key] = float(layer.scaling[PEFT_ADAPTER])
     return factors, scales

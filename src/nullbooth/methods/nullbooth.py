@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from nullbooth.conditioning import encoder_names
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from nullbooth.methods.adapter_files import bases_from_run, save_adapter
@@ -199,8 +200,8 @@ class NullBooth(Method):
         save_adapter(output_dir, self.pipe.unet, {**info, "nullbooth_update": self.cfg.nullbooth_update,
                                                   "train_text_encoder": self.trains_text_encoder})
         factors = update_factors(unet=self.pipe.unet)
-        encoder = self.pipe.text_encoder if self.trains_text_encoder else None
-        lora = export_diffusers_lora(output_dir, factors, text_encoder=encoder)
-        if encoder is not None:
-            factors = {**factors, **peft_lora_factors(encoder, TEXT_ENCODER)[0]}  # α = r: scale 1, as the UNet's
+        encoders = {n: getattr(self.pipe, n) for n in encoder_names(self.pipe)} if self.trains_text_encoder else {}
+        lora = export_diffusers_lora(output_dir, factors, text_encoders=encoders)
+        for name, encoder in encoders.items():
+            factors = {**factors, **peft_lora_factors(encoder, name)[0]}  # α = r: scale 1, as the UNet's
         return [output_dir / ADAPTER_WEIGHTS, output_dir / ADAPTER_CONFIG, lora, *self.kohya_export(output_dir, factors)]

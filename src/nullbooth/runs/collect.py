@@ -3,11 +3,11 @@
 The base pipeline samples every prompt with classifier-free guidance on, so both branches (the
 prompt and the unconditional empty prompt) pass through the hooked layers. Per timestep ``t`` and
 ``attn2`` layer the inputs ``x`` of ``to_q`` and ``to_out.0`` add to ``S_t = Σ x xᵀ`` and ``n_t`` in
-float64 (:mod:`nullbooth.runs.accumulate`); the inputs of ``to_k``/``to_v`` are the text encodings,
-identical for every layer and timestep, so they are accumulated once per batch (docs/design.md §2). Progress
-is checkpointed atomically after each batch (:mod:`nullbooth.runs.shards`); a run restarted with the
-same configuration resumes from its checkpoint and ends with the same sums, bit for bit, as an
-uninterrupted run.
+float64, where a memory budget allows (:mod:`nullbooth.runs.accumulate`); the inputs of ``to_k``/``to_v``
+are the text encodings, identical for every layer and timestep, so they are accumulated once per batch
+(docs/design.md §2). Progress is checkpointed atomically by time (:mod:`nullbooth.runs.shards`); a run
+restarted with the same configuration resumes from its checkpoint and ends with the same sums, bit for
+bit, as an uninterrupted run.
 
 Several processes (``torchrun``/``accelerate launch``) split the prompt batches into shards, checkpoint
 their own shards and add their float64 sums on rank 0, which alone writes the run (:mod:`nullbooth.runs.distributed`).
@@ -38,11 +38,12 @@ from nullbooth.io import remove_stale_temporaries, write_json
 from nullbooth.locks import lock_folder
 from nullbooth.models import load_pipeline
 from nullbooth.prompts import read_prompt_file, warn_truncated
-from nullbooth.runs.accumulate import Accumulators
+from nullbooth.runs.accumulate import Accumulators, plan_for_collection
 from nullbooth.runs.distributed import Dist, setup
 from nullbooth.runs.layout import MANIFEST, RunData, iter_runs, new_run_dir, read_manifest, summed_problems
 from nullbooth.runs.plan import Plan, make_plan, make_scheduler, sampler_timesteps
 from nullbooth.runs.shards import (
+    CheckpointSchedule,
     ShardProgress,
     assign_shards,
     read_checkpoints,
@@ -194,8 +195,11 @@ def _collect_run(cfg: Config, pipe, plan: Plan, decision: dict[str, Any], timest
     plan = replace(plan, batch_size=decision["batch_size"], n_shards=decision["n_shards"])
 
     device = statistics_device(plan.layers)
+    placement = plan_for_collection(nb, plan.layers, plan.features, len(timesteps), device)
+    if dist.is_main:
+        log.info("collection sums: %s", placement.reason)
     mine = decision["assignment"][dist.rank]
-    acc, shards = resume_shards(run_dir, plan, mine, device)
+    acc, shards = resume_shards(run_dir, plan, mine, device, placement)
     if shards.batches_done and dist.is_main:
         log.info("resuming %s after %d of %d batches%s", run_dir, shards.batches_done, plan.n_batches,
                  f" (this process's shards {sorted(shards.done)})" if dist.enabled else "")
@@ -209,7 +213,7 @@ def _collect_run(cfg: Config, pipe, plan: Plan, decision: dict[str, Any], timest
                        observers=watching, on_batch=on_batch, progress=progress and dist.is_main)
 
     if dist.enabled:
-        reduce_accumulators(acc, dist, device)
+        reduce_accumulators(acc, dist)
     on_main(dist, lambda: _write(run_dir, plan, acc, cfg, timesteps, progress, base, observers))
     dist.barrier()  # nobody returns (or deletes its checkpoint) before rank 0 has written the complete run
     shutil.rmtree(run_dir / COLLECT_CHECKPOINT.parent, ignore_errors=True)
@@ -294,6 +298,7 @@ def _sample_shards(cfg: Config, pipe, plan: Plan, acc: Accumulators, shards: Sha
     """
     todo = shards.todo(plan.n_batches)
     saved = shards.batches_done
+    schedule = CheckpointSchedule(cfg.nullbooth.checkpoint_every, cfg.nullbooth.checkpoint_minutes)
     # closed (its line ended) before an error propagates, so the error's one line stands on its own
     with tqdm(total=shards.batches_done + len(todo), initial=shards.batches_done, desc="collect", unit="batch",
               disable=not progress) as bar:
@@ -303,11 +308,12 @@ def _sample_shards(cfg: Config, pipe, plan: Plan, acc: Accumulators, shards: Sha
             shards.record(index)
             if on_batch is not None:
                 on_batch(acc, index)
-            if count % cfg.nullbooth.checkpoint_every == 0 or count == len(todo):
+            if schedule.due(count, len(todo) - count):
                 kept = f"its previous checkpoint ({saved} batch(es)) is intact" if saved else "nothing was checkpointed yet"
                 with disk_errors(f"checkpointing {run_dir}", f"{kept} — free space or fix permissions and rerun the "
                                  "same command to resume"):
                     written = save_checkpoint(run_dir, acc, shards, plan)
+                schedule.written()
                 saved = shards.batches_done
                 for name in files:  # what this process took over is now in its own file
                     if Path(name) != written:

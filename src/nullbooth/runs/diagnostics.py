@@ -1,4 +1,10 @@
-"""What ``nullbooth inspect`` and ``nullbooth validate`` compute: tables over a run's matrices, and its problems."""
+"""What ``nullbooth inspect`` and ``nullbooth validate`` compute: tables over a run's matrices, and its problems.
+
+Neither decomposes what finalize decomposed already: spectra come from ``stats/summed_eig.safetensors`` (checked
+against the statistics in ``O(d²)``) and from each matrix's metadata (trusted while the files' CRC-32 match);
+``eigvalsh`` runs only where a stored value is missing (older runs: same answers, slower). A file hard-linked into
+many folders (the k/v text matrix) is read and checked once; projectors are checked on random probes, ``O(d²)``.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +17,33 @@ import torch
 
 from nullbooth.config import NullspaceMode
 from nullbooth.errors import NullBoothError
-from nullbooth.io import load_npy
+from nullbooth.io import load_npy, read_json
 from nullbooth.runs.identity import model_fingerprint
 from nullbooth.runs.layout import (
+    TEXT_KEY,
+    file_crc32,
     layer_dirname,
     load_covariance_data,
     load_summed_statistics,
     manifest_problems,
-    matrix_file,
     read_manifest,
     read_run_prompts,
+    stat_key,
+    stored_summed_spectra,
     summed_problems,
     timestep_dirname,
 )
 from nullbooth.runs.shards import checkpoint_shards, read_checkpoints
 from nullbooth.stats.capture import cross_attention_layers
-from nullbooth.stats.nullspace import empty_fix, full_fix, null_dimension, spectrum, validate_covariance
+from nullbooth.stats.compress import matrix_files
+from nullbooth.stats.nullspace import (
+    eigenvalues,
+    empty_fix,
+    full_fix,
+    is_symmetric,
+    null_dimension,
+    validate_covariance,
+)
 
 MODES: tuple[NullspaceMode, ...] = ("absolute", "relative", "energy", "rank", "percentile")
 
@@ -76,12 +93,17 @@ def inspect_run(run_dir: Path, mode: NullspaceMode | None = None, threshold: flo
         raise NullBoothError(f"{run_dir} is not complete (status {manifest.get('status')!r}); rerun `nullbooth collect` to finish it")
     mode = mode or manifest["nullbooth"]["nullspace_mode"]
     threshold = manifest["nullbooth"]["nullspace_threshold"] if threshold is None else threshold
+    stats = load_summed_statistics(run_dir)
+    keys = {pair: TEXT_KEY if pair[1] in ("k", "v") else stat_key(*pair) for pair in stats}
+    summed = {keys[pair]: stat for pair, stat in stats.items()}
+    spectra = {k: lam.clamp(min=0) for k, (lam, _) in
+               stored_summed_spectra(run_dir, manifest["key"], summed, vectors=False).items()}
     rows = []
-    cache: dict[int, Any] = {}
-    for (layer, feature), stat in load_summed_statistics(run_dir).items():
-        lam = cache.get(id(stat))
-        if lam is None:
-            lam = cache[id(stat)] = spectrum(stat.moment()).eigenvalues
+    for (layer, feature), stat in stats.items():
+        key = keys[(layer, feature)]
+        if key not in spectra:  # a run finalized before summed_eig existed (or changed since)
+            spectra[key] = eigenvalues(stat.moment())
+        lam = spectra[key]
         rows.append({
             "layer": layer, "feature": feature, "dim": stat.dim, "mode": mode, "threshold": threshold,
             "null_dim": null_dimension(lam, mode, threshold),
@@ -95,7 +117,7 @@ def inspect_matrix(path: Path, settings: Sequence[tuple[NullspaceMode, float]]) 
     C = load_npy(path)
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise NullBoothError(f"expected a square matrix in {path}, got shape {C.shape}")
-    lam = spectrum(torch.from_numpy(C.astype(np.float64))).eigenvalues
+    lam = eigenvalues(torch.from_numpy(C.astype(np.float64)))
     return [{"matrix": Path(path).name, "mode": m, "threshold": t, "dim": C.shape[0],
              "null_dim": null_dimension(lam, m, t), "lambda_min": float(lam[0]), "lambda_max": float(lam[-1])}
             for m, t in settings]
@@ -138,7 +160,7 @@ def validate_run(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         except NullBoothError as err:
             problems.append(str(err))
     rows: list[dict[str, Any]] = []
-    seen: dict[tuple[int, int], dict[str, Any]] = {}
+    seen: dict[tuple[tuple[int, int], ...], dict[str, Any]] = {}  # the files' inodes → what they were found to be
     for t in manifest["timesteps"]:
         for layer in manifest["layers"]:
             for feature in manifest["features"]:
@@ -163,41 +185,102 @@ def _unfinished(run_dir: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def _check_matrix(run_dir: Path, t: int, layer: dict[str, Any], feature: str,
-                  seen: dict[tuple[int, int], dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
-    """The seed's checks of one stored matrix, its projector and its metadata: ``(row, problems)``."""
+                  seen: dict[tuple[tuple[int, int], ...], dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The seed's checks of one stored matrix, its projector and its metadata: ``(row, problems)``.
+
+    The files are read and checked once per set of inodes (``seen``); the metadata, one per folder, always.
+    """
     where = f"{timestep_dirname(t)}/{layer_dirname(layer['name'])}/{feature}"
+    folder = run_dir / timestep_dirname(t) / layer_dirname(layer["name"])
+    names = sorted({*matrix_files(feature, "float32"), *matrix_files(feature, "eigh")})
+    inodes = tuple((st.st_dev, st.st_ino) for st in (_stat(folder / n) for n in names) if st is not None)
+    facts = seen.get(inodes) if inodes else None
     try:
-        data = load_covariance_data(t, layer["name"], feature, run_dir)
+        if facts is None:
+            data = load_covariance_data(t, layer["name"], feature, run_dir)
+            meta = data["metadata"]
+        else:
+            meta = read_json(folder / f"{feature}_metadata.json", "a metadata file")
     except NullBoothError as err:
         return None, [str(err)]
-    meta, C, P = data["metadata"], data["covariance"], data["projection"]
+    if facts is None:
+        facts = _file_facts(folder, feature, data["covariance"], data["projection"], meta)
+        if inodes:
+            seen[inodes] = facts
     width = int(layer["weight_shapes"][feature][1])
-    if C.shape != (width, width):
-        return None, [f"{where}: covariance shape {C.shape}, expected ({width}, {width}) from the manifest"]
-    path = matrix_file(run_dir, t, layer["name"], feature)
-    inode = (path.stat().st_dev, path.stat().st_ino)
-    checks = seen.get(inode) or validate_covariance(C)
-    seen[inode] = checks
+    if facts["shape"] != (width, width):
+        return None, [f"{where}: covariance shape {facts['shape']}, expected ({width}, {width}) from the manifest"]
+    checks = facts["checks"]
     row = {"where": where, **checks, "null_dim": meta.get("null_space_dim")}
     problems = []
-    if meta.get("feature_dim") != C.shape[0]:
-        problems.append(f"{where}: metadata feature_dim {meta.get('feature_dim')} != matrix width {C.shape[0]}")
-    if P is not None and P.shape != C.shape:
-        problems.append(f"{where}: projection shape {P.shape}, expected {C.shape} like its covariance")
-    elif P is not None:
-        P64 = P.astype(np.float64)
-        idem = float(np.abs(P64 @ P64 - P64).max()) if np.isfinite(P64).all() else float("inf")
-        row["projector_idempotence_error"] = idem
-        if idem > 1e-4 or not np.allclose(P64, P64.T, atol=1e-5):
-            problems.append(f"{where}: projection is not a symmetric idempotent matrix (‖P²−P‖∞ = {idem:.2e})")
-        elif (rank := int(round(np.trace(P64)))) != meta.get("null_space_dim"):
-            problems.append(f"{where}: projection rank {rank} != metadata null_space_dim {meta.get('null_space_dim')}")
+    if meta.get("feature_dim") != facts["shape"][0]:
+        problems.append(f"{where}: metadata feature_dim {meta.get('feature_dim')} != matrix width {facts['shape'][0]}")
+    if facts["projection_shape"] is not None and facts["projection_shape"] != facts["shape"]:
+        problems.append(f"{where}: projection shape {facts['projection_shape']}, expected {facts['shape']} like its covariance")
+    elif facts["projection_shape"] is not None:
+        idem = row["projector_idempotence_error"] = facts["idempotence"]
+        if idem > 1e-4 or not facts["projection_symmetric"]:
+            problems.append(f"{where}: projection is not a symmetric idempotent matrix (max ‖P(Px) − Px‖ over "
+                            f"{PROBES} unit probes x = {idem:.2e})")
+        elif facts["projection_rank"] != meta.get("null_space_dim"):
+            problems.append(f"{where}: projection rank {facts['projection_rank']} != metadata null_space_dim "
+                            f"{meta.get('null_space_dim')}")
     elif meta.get("null_space_dim", 0):
         problems.append(f"{where}: metadata says null_space_dim {meta['null_space_dim']} but the projection file is missing")
     for check in ("finite", "symmetric", "positive_semidefinite"):
         if not checks[check]:
             problems.append(f"{where}: covariance fails the {check.replace('_', ' ')} check")
     return row, problems
+
+
+PROBES = 4  # random unit vectors a projector's idempotence is tested on
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _file_facts(folder: Path, feature: str, C: np.ndarray, P: np.ndarray | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """What one matrix's files are: shape, the seed's covariance checks, and its projector's probe checks."""
+    facts: dict[str, Any] = {"shape": tuple(C.shape), "checks": None, "projection_shape": None}
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        return facts
+    facts["checks"] = validate_covariance(C, eigenvalues=_stored_eigenvalues(folder, feature, meta, C.shape[0]))
+    if P is None:
+        return facts
+    facts["projection_shape"] = tuple(P.shape)
+    if P.shape != C.shape:
+        return facts
+    P64 = P.astype(np.float64)
+    x = np.random.default_rng(0).standard_normal((P.shape[0], PROBES))
+    x /= np.linalg.norm(x, axis=0)
+    Px = P64 @ x  # [d, PROBES]: O(d²) per probe where P @ P would be O(d³)
+    finite = bool(np.isfinite(P64).all())
+    facts["idempotence"] = float(np.linalg.norm(P64 @ Px - Px, axis=0).max()) if finite else float("inf")
+    facts["projection_symmetric"] = finite and is_symmetric(P64, rtol=1e-5, atol=1e-5)
+    facts["projection_rank"] = int(round(np.trace(P64))) if finite else -1
+    return facts
+
+
+def _stored_eigenvalues(folder: Path, feature: str, meta: dict[str, Any], d: int) -> np.ndarray | None:
+    """The ascending float64 eigenvalues finalize recorded for this matrix, when its files still have the recorded
+    CRC-32 (else ``None``: the caller decomposes). Not for ``eigh`` storage, whose matrix is a reconstruction."""
+    crcs, values = meta.get("file_crc32"), meta.get("singular_values")
+    if not isinstance(crcs, dict) or not isinstance(values, list) or len(values) != d \
+            or (meta.get("storage") or {}).get("mode") == "eigh":
+        return None
+    present = {name[len(feature) + 1:]: folder / name
+               for name in {*matrix_files(feature, "float32"), *matrix_files(feature, "eigh")} if (folder / name).exists()}
+    if set(present) != set(crcs) or any(file_crc32(path) != crcs[n] for n, path in present.items()):
+        return None
+    try:
+        lam = np.asarray(values, dtype=np.float64)[::-1]
+    except (TypeError, ValueError):
+        return None
+    return lam if np.isfinite(lam).all() else None
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from nullbooth.conditioning import encoder_names, is_sdxl, tokenizers
 from nullbooth.errors import NullBoothError
 
 # The identity fields that describe the prompts (a merge recomputes them; every other field must agree).
@@ -24,15 +25,23 @@ PROMPT_FIELDS = ("prompts_sha256", "n_prompts", "seed", "prompt_segments")
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _tokenizer_summary(tokenizer) -> str:
+    """What of a tokenizer changes the encodings of the same vocabulary: its sequence length and padding token."""
+    return f"{type(tokenizer).__name__}|{tokenizer.model_max_length}|{tokenizer.pad_token_id}"
+
+
 def model_fingerprint(pipe) -> dict[str, Any]:
-    """Identify the weights that determine the features: UNet and text encoder (shapes + strided samples).
+    """Identify the weights that determine the features: UNet and text encoder(s) (shapes + strided samples).
 
     Every element enters through an integer checksum of its bits: integer addition is associative, so
     the digest does not depend on the thread count or device (a float sum's rounding does, and a
-    one-thread ``torchrun`` worker must find the run a two-thread process collected).
+    one-thread ``torchrun`` worker must find the run a two-thread process collected). SDXL's second encoder
+    enters too, and with it both tokenizers' padding: SDXL's second pads with ``!`` where the first pads with
+    ``<|endoftext|>``, and a pipeline saved with another padding token encodes every prompt differently.
     """
     digest = hashlib.sha256()
-    for part in ("unet", "text_encoder"):
+    encoders = encoder_names(pipe)
+    for part in ["unet", *encoders]:  # SD 1.x/2.x: ["unet", "text_encoder"], the digest it always had
         for name, tensor in sorted(getattr(pipe, part).state_dict().items()):
             flat = tensor.detach().contiguous().flatten()
             step = max(1, flat.numel() // 4096)
@@ -41,8 +50,13 @@ def model_fingerprint(pipe) -> dict[str, Any]:
             checksum = int(bits.to(torch.int64).sum())  # wraps on overflow, deterministically
             digest.update(f"{part}.{name}:{tuple(tensor.shape)}:{tensor.dtype}:{checksum}".encode())
             digest.update(sample.numpy().tobytes())
-    return {"unet_class": type(pipe.unet).__name__, "text_width": int(pipe.text_encoder.config.hidden_size),
-            "weights_sha256": digest.hexdigest()}
+    widths = [int(getattr(pipe, part).config.hidden_size) for part in encoders]
+    out: dict[str, Any] = {"unet_class": type(pipe.unet).__name__, "text_width": sum(widths)}  # attn2's k/v width
+    if is_sdxl(pipe):
+        for tokenizer in tokenizers(pipe):
+            digest.update(_tokenizer_summary(tokenizer).encode())
+        out["text_widths"] = widths
+    return {**out, "weights_sha256": digest.hexdigest()}
 
 
 def normalize_segments(parts: Sequence[tuple[Mapping[str, int], Sequence[str]]]) -> tuple[list[dict[str, int]], list[str]]:

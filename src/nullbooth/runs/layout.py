@@ -9,9 +9,12 @@
             {q,k,v,out}_covariance.npy        C = Σxxᵀ / n at that timestep
             {q,k,v,out}_projection.npy        P = ÛÛᵀ (omitted when the null space is empty)
             {q,k,v,out}_metadata.json         original_shape, n_samples, feature_dim, null_space_dim,
-                                              singular_values, nullspace_threshold (+ additions)
+                                              singular_values, nullspace_threshold (+ additions: file_crc32 of the
+                                              matrix files, so validate can trust singular_values for them)
             {q,k,v,out}_eig.safetensors       instead of the two .npy files under storage "eigh" (compress.py)
         stats/summed.safetensors              float64 Σxxᵀ and n summed over timesteps: what training uses
+        stats/summed_eig.safetensors          eigh of each Σxxᵀ/n (raw float64 eigenvalues + eigenvectors), written at
+                                              finalize: training, inspect and validate decompose nothing again
         stats/timestep_sums/timestep_XXXX.safetensors   (optional) exact float64 per-timestep sums
         visualizations/                       pictures, when enabled
         .partial/checkpoint.safetensors       resumable collection state (one shard; checkpoint.rank{r}.safetensors
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,12 +44,14 @@ from nullbooth.filenames import (
     MANIFEST,
     OLD_TIMESTEP_SUMS,
     PROMPTS_FILE,
+    SUMMED_SPECTRA,
     SUMMED_STATS,
     TIMESTEP_SUMS_DIR,
 )
 from nullbooth.io import load_npy, load_tensors, read_json, save_tensors, write_text
 from nullbooth.stats.compress import clean_projector, read_matrix
 from nullbooth.stats.moments import SecondMoment
+from nullbooth.stats.nullspace import eigh_batched
 
 RUN_FORMAT = "nullbooth-run"
 RUN_PATTERN = re.compile(r"^run_\d{8}_\d{6}(_\d+)?$")
@@ -198,6 +204,7 @@ def summed_problems(run_dir: Path, manifest: Mapping[str, Any], *, spectral: boo
         return [str(err)]
     if meta.get("key") not in (None, manifest["key"]):
         problems.append(f"{SUMMED_STATS} belongs to another run (key {str(meta.get('key'))[:12]}…)")
+    stored = stored_summed_spectra(run_dir, manifest["key"], stats, vectors=False) if spectral else {}
     for key, width in expected_statistics(manifest).items():
         stat = stats.get(key)
         if stat is None:
@@ -207,11 +214,14 @@ def summed_problems(run_dir: Path, manifest: Mapping[str, Any], *, spectral: boo
         elif stat.count <= 0:
             problems.append(f"{SUMMED_STATS} {key}: expected a positive sample count, got {stat.count}")
         else:
-            problems += [f"{SUMMED_STATS} {key}: {why}" for why in _sum_problems(stat.sum, spectral)]
+            known = stored.get(key)
+            problems += [f"{SUMMED_STATS} {key}: {why}"
+                         for why in _sum_problems(stat.sum, spectral, None if known is None else known[0])]
     return problems
 
 
-def _sum_problems(S: torch.Tensor, spectral: bool) -> list[str]:
+def _sum_problems(S: torch.Tensor, spectral: bool, lam: torch.Tensor | None = None) -> list[str]:
+    """``lam``: the stored (verified) raw eigenvalues of ``S / n``; the PSD test is scale-free, so they stand in for S's."""
     if not bool(torch.isfinite(S).all()):
         return ["holds NaN or Inf"]
     scale = float(S.abs().max())
@@ -219,10 +229,92 @@ def _sum_problems(S: torch.Tensor, spectral: bool) -> list[str]:
     if asym > 1e-9 * scale:
         return [f"is not symmetric (max |S − Sᵀ| = {asym:.3g} of max |S| = {scale:.3g})"]
     if spectral:
-        lam = torch.linalg.eigvalsh((S + S.T) / 2)  # ascending
+        lam = torch.linalg.eigvalsh((S + S.T) / 2) if lam is None else lam  # ascending
         if float(lam[0]) < -1e-9 * max(float(lam[-1]), 0.0):
             return [f"is not positive semi-definite (λ_min = {float(lam[0]):.3g}, λ_max = {float(lam[-1]):.3g})"]
     return []
+
+
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes: finalize records it beside what it knows of the file (its spectrum), so a reader can
+    tell that the file is still the one those facts describe (an accidental change, not a forgery, is what it catches)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def save_summed_spectra(run_dir: Path, summed: Mapping[str, SecondMoment], key: str, *,
+                        known: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """``eigh`` of every timestep-summed moment ``C = Σxxᵀ / n`` (batched by width, on the statistics' device),
+    stored once per run as raw ascending eigenvalues and eigenvectors (float64), under the run's ``key``.
+    ``known``: raw ``eigh`` pairs the caller computed already (not decomposed again)."""
+    known = dict(known or {})
+    names = sorted(n for n in summed if n not in known)
+    pairs = {**known, **dict(zip(names, eigh_batched([summed[n].moment() for n in names])))}
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(summed):
+        lam, V = pairs[name]
+        tensors[f"{name}::eigenvalues"], tensors[f"{name}::eigenvectors"] = lam.cpu(), V.cpu()
+    save_tensors(Path(run_dir) / SUMMED_SPECTRA, tensors, {"key": key, "of": "eigh of each sum / count"})
+
+
+PROBES = 4  # random vectors per stored decomposition check
+PROBE_TOL = 1e-9  # relative residual a float64 eigh leaves is ~d·ε ≈ 3e-13 at d = 1280; a stale file is O(1) off
+
+
+def decomposition_holds(C: torch.Tensor, lam: torch.Tensor, V: torch.Tensor, seed: int = 0) -> bool:
+    """Whether ``C = V diag(λ) Vᵀ`` with orthonormal ``V``, tested on random probes in ``O(d²)`` (Freivalds' idea):
+    ``‖Cx − V(λ ⊙ Vᵀx)‖ ≤ tol·max|λ|·‖x‖`` and ``‖Vᵀ(Vx) − x‖ ≤ tol·‖x‖``; a different matrix fails
+    with probability 1 (the difference would have to annihilate every Gaussian probe)."""
+    d = C.shape[0]
+    if lam.shape != (d,) or V.shape != (d, d) or not (torch.isfinite(lam).all() and torch.isfinite(V).all()):
+        return False
+    x = torch.randn(d, PROBES, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(C.device)
+    x /= x.norm(dim=0)
+    scale = max(float(lam.abs().max()), 1e-300)
+    fit = float((C @ x - V @ (lam[:, None] * (V.T @ x))).norm(dim=0).max())  # [d, PROBES] → worst column
+    orth = float((V.T @ (V @ x) - x).norm(dim=0).max())
+    return fit <= PROBE_TOL * scale and orth <= PROBE_TOL
+
+
+def stored_summed_spectra(run_dir: Path, key: str, stats: Mapping[str, SecondMoment], *,
+                          vectors: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{key: (raw ascending eigenvalues, eigenvectors or None)}`` of the summed statistics whose stored ``eigh``
+    (``stats/summed_eig.safetensors``, written at finalize) is of this run and still decomposes the statistic
+    (:func:`decomposition_holds`); statistics without one (an older run, a changed sum) are left out."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run_dir) / SUMMED_SPECTRA
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    if not path.is_file():
+        return out
+    try:
+        with safe_open(str(path), "pt") as fh:
+            if (fh.metadata() or {}).get("key") != key:
+                return out
+            names = set(fh.keys())
+            for name, stat in stats.items():
+                if f"{name}::eigenvalues" not in names or f"{name}::eigenvectors" not in names or stat.count <= 0:
+                    continue
+                lam, V = fh.get_tensor(f"{name}::eigenvalues"), fh.get_tensor(f"{name}::eigenvectors")
+                if lam.dtype == V.dtype == torch.float64 and bool(torch.isfinite(stat.sum).all()) \
+                        and decomposition_holds(stat.moment().cpu(), lam, V):
+                    out[name] = (lam, V if vectors else None)
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}  # unreadable: every statistic is decomposed again, as for an older run
+    return out
+
+
+def summed_spectra(run_dir: Path, key: str, stats: Mapping[str, SecondMoment]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Raw ``eigh`` of every summed moment: the stored one where it holds, else computed (batched) — the only
+    decompositions training does, and none on a run finalized by this version."""
+    out = {k: (lam, V) for k, (lam, V) in stored_summed_spectra(run_dir, key, stats).items() if V is not None}
+    missing = [k for k in stats if k not in out]
+    for k, pair in zip(missing, eigh_batched([stats[k].moment() for k in missing])):
+        out[k] = pair
+    return out
 
 
 def load_summed_statistics(run_dir: Path) -> dict[tuple[str, str], SecondMoment]:

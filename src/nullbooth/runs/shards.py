@@ -1,9 +1,12 @@
 """Shards and their checkpoint files: who continues which prompt batches, and the float64 sums saved between.
 
 A run's prompt batches are split into ``S`` shards fixed when it starts: shard ``s`` owns batches
-``s, s + S, s + 2S, …``. A process checkpoints the sums of its shards atomically after every few
-batches (``.partial/checkpoint.safetensors`` for one shard, ``checkpoint.rank{s}.safetensors`` per
-shard otherwise); a restart, with any number of processes, reads the files back, hands every
+``s, s + S, s + 2S, …``. A process checkpoints the sums of its shards atomically
+(``.partial/checkpoint.safetensors`` for one shard, ``checkpoint.rank{s}.safetensors`` per shard otherwise):
+after its first batch (an unwritable folder shows at once), then every ``checkpoint_minutes`` (or every
+``checkpoint_every`` batches when that is set) and after its last batch (:class:`CheckpointSchedule`). The
+file holds the whole state — per-timestep sums as float64 upper triangles — never a delta (why:
+:mod:`nullbooth.runs.accumulate`). A restart, with any number of processes, reads the files back, hands every
 shard to one process (:func:`assign_shards`) and continues it where it stopped. At the end the
 sums of every process add up on rank 0 (:func:`reduce_accumulators`): sums and counts are exact
 sufficient statistics, ``Σ_r S_r = S``, up to the order of the float64 additions.
@@ -12,8 +15,9 @@ sufficient statistics, ``Σ_r S_r = S``, up to the order of the float64 addition
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,12 @@ import torch
 
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import COLLECT_CHECKPOINT
-from nullbooth.runs.accumulate import Accumulators
+from nullbooth.io import load_tensors, save_tensors
+from nullbooth.runs.accumulate import AccumulatorPlan, Accumulators
 from nullbooth.runs.distributed import Dist
-from nullbooth.runs.layout import load_statistics, save_statistics
 from nullbooth.runs.plan import Plan
 from nullbooth.stats.capture import CrossAttentionLayer
-from nullbooth.stats.moments import SecondMoment
+from nullbooth.stats.moments import PackedSecondMoment, SecondMoment
 
 
 @dataclass
@@ -59,10 +63,33 @@ def statistics_device(layers: Sequence[CrossAttentionLayer]) -> torch.device:
     return layers[0].linear("q").weight.device if layers else torch.device("cpu")
 
 
+@dataclass
+class CheckpointSchedule:
+    """When to checkpoint: after the first and the last batch, and every ``every`` batches or else ``minutes``."""
+
+    every: int | None
+    minutes: float
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self, count: int, remaining: int) -> bool:
+        """Whether to checkpoint after this process's ``count``-th batch, with ``remaining`` batches still to do."""
+        if self.every is not None:
+            return count % self.every == 0 or remaining == 0
+        return count == 1 or remaining == 0 or time.monotonic() - self.last >= 60 * self.minutes
+
+    def written(self) -> None:
+        self.last = time.monotonic()
+
+
 def save_checkpoint(run_dir: Path, acc: Accumulators, progress: ShardProgress, plan: Plan) -> Path:
-    """Write ``acc``'s sums with the shards they cover (atomically); returns the file name relative to ``run_dir``."""
+    """Write ``acc``'s sums with the shards they cover (atomically); returns the file name relative to ``run_dir``.
+
+    Per-timestep sums are stored as their float64 upper triangles (``name::packed``), the text statistic whole
+    (``text::sum``): half the bytes of full matrices; :meth:`SecondMoment.from_state_dict` reads either.
+    """
     name = progress.checkpoint_name()
-    save_statistics(run_dir / name, acc.state(), {
+    tensors = {f"{key}::{part}": value for key, stat in acc.state().items() for part, value in stat.state_dict().items()}
+    save_tensors(run_dir / name, tensors, {
         "key": plan.job_key, "batches_done": str(progress.batches_done), "shapes": json.dumps(acc.shapes),
         "n_shards": str(plan.n_shards), "batch_size": str(plan.batch_size),
         "shards": json.dumps({str(s): d for s, d in sorted(progress.done.items())}),
@@ -70,25 +97,35 @@ def save_checkpoint(run_dir: Path, acc: Accumulators, progress: ShardProgress, p
     return name
 
 
-def load_checkpoint(path: Path, acc: Accumulators, job_key: str, device: torch.device) -> None:
+def load_checkpoint(path: Path, acc: Accumulators, job_key: str) -> None:
     """Add a checkpoint's sums into ``acc`` (one file per call; shards of several files add up)."""
-    stats, meta = load_statistics(path)
+    tensors, meta = load_tensors(path, "a collection checkpoint")
     if meta.get("key") != job_key:
         raise NullBoothError(f"{path} belongs to a different configuration; refusing to reuse it")
-    for key, stat in stats.items():
-        acc.put(key, stat.to(device))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        key, _, part = name.rpartition("::")
+        grouped.setdefault(key, {})[part] = value
+    try:
+        for key, parts in grouped.items():
+            packed = "packed" in parts
+            acc.put(key, PackedSecondMoment.from_state_dict(parts) if packed else SecondMoment.from_state_dict(parts))
+    except (KeyError, NullBoothError) as err:
+        raise NullBoothError(f"{path} holds a statistic that is not a float64 sum and count ({err}); delete it to "
+                             "start those shards over") from None
     acc.shapes.update(json.loads(meta["shapes"]))
 
 
-def resume_shards(run_dir: Path, plan: Plan, assigned: Mapping[str, Any],
-                  device: torch.device) -> tuple[Accumulators, ShardProgress]:
+def resume_shards(run_dir: Path, plan: Plan, assigned: Mapping[str, Any], device: torch.device,
+                  placement: AccumulatorPlan | None = None) -> tuple[Accumulators, ShardProgress]:
     """This process's sums, read from the checkpoint files it was assigned, and the progress of its shards.
 
-    ``assigned`` is this rank's entry of :func:`assign_shards`: ``{"files": [...], "shards": {shard: batches done}}``.
+    ``assigned`` is this rank's entry of :func:`assign_shards`: ``{"files": [...], "shards": {shard: batches done}}``;
+    ``placement`` where the sums live (:func:`~nullbooth.runs.accumulate.plan_accumulators`).
     """
-    acc = Accumulators(plan.layers)
+    acc = Accumulators(plan.layers, placement, device)
     for name in assigned["files"]:
-        load_checkpoint(run_dir / name, acc, plan.job_key, device)
+        load_checkpoint(run_dir / name, acc, plan.job_key)
     return acc, ShardProgress(plan.n_shards, {int(s): int(d) for s, d in assigned["shards"].items()})
 
 
@@ -157,8 +194,8 @@ def assign_shards(files: Mapping[str, Mapping[str, str]], n_shards: int, world_s
     return out, stale
 
 
-def reduce_accumulators(acc: Accumulators, dist: Dist, device: torch.device) -> None:
-    """Sum every rank's statistics into rank 0's ``acc`` (float64 sums and int64 counts, ``reduce`` to rank 0)."""
+def reduce_accumulators(acc: Accumulators, dist: Dist) -> None:
+    """Sum every rank's statistics into rank 0's ``acc`` (float64 sums — triangles — and int64 counts, to rank 0)."""
     state = acc.state()
     gathered = dist.all_gather({"dims": {name: stat.dim for name, stat in state.items()}, "shapes": acc.shapes})
     dims: dict[str, int] = {}
@@ -174,7 +211,7 @@ def reduce_accumulators(acc: Accumulators, dist: Dist, device: torch.device) -> 
     for i, name in enumerate(names):
         stat = state.get(name)
         if stat is None:  # this rank saw no batch with this statistic: contribute zeros
-            stat = SecondMoment(dims[name], device=device)
-            acc.put(name, stat)
+            acc.put(name, acc.empty(name, dims[name]))
+            stat = acc.state()[name]
         stat.sum = dist.reduce_sum_(stat.sum)
         stat.count = int(counts[i])

@@ -3,8 +3,13 @@
 Per timestep ``t``, layer and feature the stored matrix is the second moment ``C_t = S_t / n_t`` with
 ``S_t = Σ x xᵀ`` (float64) and its null-space projector ``P = Û Ûᵀ`` (:func:`~nullbooth.stats.compress.write_matrix`);
 the text statistic of k/v is one matrix for every layer and timestep, written once and hard-linked.
-``stats/summed.safetensors`` keeps ``Σ_t S_t`` and ``Σ_t n_t`` exactly — what training projects with.
-The manifest is written last, with status ``complete``: a run without it is not a run.
+``stats/summed.safetensors`` keeps ``Σ_t S_t`` and ``Σ_t n_t`` exactly — what training projects with — and
+``stats/summed_eig.safetensors`` their eigendecompositions. The manifest is written last, with status
+``complete``: a run without it is not a run.
+
+Every ``eigh`` of a run happens here, once: a timestep's matrices are decomposed in batches of one width
+(:func:`~nullbooth.stats.nullspace.eigh_batched`, at most ``BATCH_BYTES`` of float64 per batch, on the
+statistics' device); each matrix's metadata records its eigenvalues and the CRC-32 of its files.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from nullbooth.runs.layout import (
     RUN_FORMAT,
     TEXT_KEY,
     RunData,
+    file_crc32,
     layer_dirname,
     save_statistics,
+    save_summed_spectra,
     save_timestep_sums,
     stat_key,
     timestep_dirname,
@@ -44,6 +51,7 @@ from nullbooth.runs.layout import (
 from nullbooth.runs.plan import Plan
 from nullbooth.stats.compress import matrix_files, write_matrix
 from nullbooth.stats.moments import SecondMoment
+from nullbooth.stats.nullspace import BATCH_BYTES, Spectrum, eigh_batched, spectra
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +87,9 @@ class StoreSettings:
 
 
 def run_manifest(plan: Plan, cfg: Config, timesteps: Sequence[int], status: str, *, run_dir: Path | None = None,
-                 base: RunData | None = None) -> dict[str, Any]:
-    """The manifest of ``plan``'s run: identity and key, config, layers, timesteps and how it was collected."""
+                 base: RunData | None = None, accumulators: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of ``plan``'s run: identity and key, config, layers, timesteps and how it was collected
+    (``accumulators``: where the sums were held and in what precision)."""
     nb = cfg.nullbooth.model_dump()
     prompts_file = str(cfg.nullbooth.original_knowledge_prompts)
     if base is not None and run_dir is not None:  # an extension: the run's own prompts.txt lists all its prompts
@@ -102,6 +111,8 @@ def run_manifest(plan: Plan, cfg: Config, timesteps: Sequence[int], status: str,
         "collection": {"shards": plan.n_shards, "batch_size": plan.batch_size, "prompt_offset": plan.offset,
                        "prompts_sampled": len(plan.prompts)},
     }
+    if accumulators is not None:
+        manifest["accumulators"] = accumulators
     if base is not None:
         manifest["derived_from"] = [{"run": str(base.path), "key": base.key, "how": "extended",
                                      "exact_timestep_sums": base.exact_timesteps}]
@@ -126,13 +137,34 @@ def _metadata(shape: list[int], stat: SecondMoment, lam: torch.Tensor, null_dim:
 
 
 def _write_matrix(folder: Path, feature: str, stat: SecondMoment, shape: list[int], settings: StoreSettings,
-                  extra: dict[str, Any]) -> dict[str, Any]:
-    lam, null_dim, storage = write_matrix(folder, feature, stat.moment(), mode=settings.nullspace_mode,
-                                          threshold=settings.nullspace_threshold, storage=settings.storage,
-                                          energy=settings.storage_energy)
+                  extra: dict[str, Any], C: torch.Tensor | None = None, spec: Spectrum | None = None) -> dict[str, Any]:
+    lam, null_dim, storage = write_matrix(folder, feature, stat.moment() if C is None else C,
+                                          mode=settings.nullspace_mode, threshold=settings.nullspace_threshold,
+                                          storage=settings.storage, energy=settings.storage_energy, spec=spec)
     metadata = _metadata(shape, stat, lam, null_dim, settings, storage, extra)
+    # Keyed by the name after the feature, so the k files' CRCs also describe their hard links under v.
+    metadata["file_crc32"] = {name[len(feature) + 1:]: file_crc32(folder / name)
+                              for name in {*matrix_files(feature, "float32"), *matrix_files(feature, "eigh")}
+                              if (folder / name).exists()}
     write_json(folder / f"{feature}_metadata.json", {**metadata, "feature": feature})
     return metadata
+
+
+def _write_decomposed(jobs: list[tuple[Path, str, SecondMoment, list[int], dict[str, Any]]], settings: StoreSettings,
+                      written: Callable[[dict[str, Any]], None]) -> None:
+    """Write ``(folder, feature, statistic, shape, extra)`` matrices, decomposed in batches of one width of at most
+    ``BATCH_BYTES`` of float64 (so a timestep's batch memory stays bounded whatever the model)."""
+    jobs = sorted(jobs, key=lambda job: job[2].dim)
+    start = 0
+    while start < len(jobs):
+        end, size = start, 0
+        while end < len(jobs) and jobs[end][2].dim == jobs[start][2].dim and (end == start or size < BATCH_BYTES):
+            size += 8 * jobs[end][2].dim ** 2
+            end += 1
+        moments = [job[2].moment() for job in jobs[start:end]]  # [d, d] float64 each, on the statistics' device
+        for (folder, feature, stat, shape, extra), C, spec in zip(jobs[start:end], moments, spectra(moments)):
+            written(_write_matrix(folder, feature, stat, shape, settings, extra, C, spec))
+        start = end
 
 
 def write_run(run_dir: Path, *, layers: Sequence[str], features: Sequence[str], timesteps: Sequence[int],
@@ -163,22 +195,28 @@ def write_run(run_dir: Path, *, layers: Sequence[str], features: Sequence[str], 
         report["fallbacks"] += info["mode"] != settings.storage
 
     sums_meta = {"key": manifest["key"]}
+    # The text statistic is summed already: its one decomposition serves its files and stats/summed_eig.
+    text_eigh = {TEXT_KEY: eigh_batched([summed[TEXT_KEY].moment()])[0]} if {"k", "v"} & set(features) else {}
     for t in tqdm(sorted(timesteps, reverse=True), desc="null spaces", unit="timestep", leave=False,
                   disable=not progress):
         stats_t = timestep_stats(t) if any(f in ("q", "out") for f in features) else {}
+        jobs = []
+        for layer in layers:
+            for feature in (f for f in features if f in ("q", "out")):
+                key = stat_key(layer, feature)
+                if key not in stats_t:
+                    raise NullBoothError(f"no statistics for {key} at timestep {t}; the run's sums are incomplete")
+                jobs.append((run_dir / timestep_dirname(t) / layer_dirname(layer), feature, stats_t[key], shapes[key],
+                             {"timestep": t, "layer_name": layer}))
+        _write_decomposed(jobs, settings, note)
         for layer in layers:
             folder = run_dir / timestep_dirname(t) / layer_dirname(layer)
             extra = {"timestep": t, "layer_name": layer}
-            for feature in features:
-                if feature in ("q", "out"):
-                    key = stat_key(layer, feature)
-                    if key not in stats_t:
-                        raise NullBoothError(f"no statistics for {key} at timestep {t}; the run's sums are incomplete")
-                    note(_write_matrix(folder, feature, stats_t[key], shapes[key], settings, extra))
-                    continue
+            for feature in (f for f in features if f in ("k", "v")):
                 # k and v: one text statistic for every layer and timestep — write it once, hard-link the rest.
                 if text_source is None:
-                    text_meta = _write_matrix(folder, feature, summed[TEXT_KEY], shapes[TEXT_KEY], settings, extra)
+                    text_meta = _write_matrix(folder, feature, summed[TEXT_KEY], shapes[TEXT_KEY], settings, extra,
+                                              spec=Spectrum.of_eigh(*text_eigh[TEXT_KEY]))
                     note(text_meta)
                     text_source = (folder, feature)
                 elif (folder, feature) != text_source:
@@ -194,6 +232,7 @@ def write_run(run_dir: Path, *, layers: Sequence[str], features: Sequence[str], 
 
     meta = {"key": manifest["key"], "timesteps": json.dumps(sorted(timesteps)), "shapes": json.dumps(dict(shapes))}
     save_statistics(run_dir / SUMMED_STATS, summed, meta)
+    save_summed_spectra(run_dir, summed, manifest["key"], known=text_eigh)
     if report["null_dim_changed"]:
         log.warning("storage %s: %d of %d matrices read back with another null dimension (max change %d); "
                     "projectors are stored exactly, the covariances approximately (max relative error %.2g)",
@@ -249,4 +288,6 @@ def finalize(run_dir: Path, plan: Plan, acc: Accumulators, cfg: Config, timestep
     write_run_prompts(run_dir, plan.all_prompts)
     write_run(run_dir, layers=[l.name for l in plan.layers], features=plan.features, timesteps=timesteps,
               timestep_stats=by_timestep, summed=summed, shapes=acc.shapes, settings=settings,
-              manifest=run_manifest(plan, cfg, timesteps, "complete", run_dir=run_dir, base=base), progress=progress)
+              manifest=run_manifest(plan, cfg, timesteps, "complete", run_dir=run_dir, base=base,
+                                    accumulators=acc.plan.describe() if acc.plan is not None else None),
+              progress=progress)

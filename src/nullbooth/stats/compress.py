@@ -33,7 +33,7 @@ import torch
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import EIG_SUFFIX
 from nullbooth.io import load_tensors, save_npy, save_tensors
-from nullbooth.stats.nullspace import null_dimension, spectrum
+from nullbooth.stats.nullspace import Spectrum, null_dimension, spectrum
 
 Storage = Literal["float32", "float16", "eigh"]
 STORAGE_MODES: tuple[str, ...] = ("float32", "float16", "eigh")
@@ -59,14 +59,15 @@ def energy_rank(eigenvalues: torch.Tensor, energy: float) -> int:
 
 
 def write_matrix(folder: Path, feature: str, C: torch.Tensor, *, mode: str, threshold: float, storage: str,
-                 energy: float = 0.9999) -> tuple[torch.Tensor, int, dict[str, Any]]:
+                 energy: float = 0.9999, spec: Spectrum | None = None) -> tuple[torch.Tensor, int, dict[str, Any]]:
     """Store one second moment ``C`` (float64 ``[d, d]``) and its null-space projector under ``storage``.
 
+    ``spec``: ``C``'s spectrum when the caller decomposed it already (finalize batches them by width).
     Returns the ascending eigenvalues, the null dimension, and the ``storage`` metadata block
     (``{}`` for the seed's float32 layout, which stays byte-for-byte what it was).
     """
 
-    spec = spectrum(C)
+    spec = spec if spec is not None else spectrum(C)
     lam, V = spec.eigenvalues, spec.eigenvectors  # ascending (on C's device: a GPU decomposes there)
     d = lam.numel()
     k_null = null_dimension(lam, mode, threshold)
@@ -175,7 +176,8 @@ def store_size(widths: Sequence[int] = SD15_ATTN2_WIDTHS, text_width: int = SD15
       space is non-empty) a projection ``.npy`` for q and out; the k/v text matrix once (hard links).
     - ``eigh``: per matrix ``d`` float64 eigenvalues + ``kept_fraction · d`` float32 eigenvectors
       (null basis + top-energy directions; ``kept_fraction`` is data-dependent, see the module docstring).
-    - always ``stats/summed.safetensors`` (float64 ``Σ xxᵀ`` per layer/feature + the text statistic);
+    - always ``stats/summed.safetensors`` (float64 ``Σ xxᵀ`` per layer/feature + the text statistic) and
+      ``stats/summed_eig.safetensors`` (their float64 eigenvalues and eigenvectors, so training decomposes nothing);
       ``keep_timestep_sums`` adds the float64 per-timestep sums.
     """
     if storage not in STORAGE_MODES:
@@ -195,10 +197,11 @@ def store_size(widths: Sequence[int] = SD15_ATTN2_WIDTHS, text_width: int = SD15
     values = sum(2 * d + 2 * text_width for d in widths)
     metadata = timesteps * (values * METADATA_BYTES_PER_VALUE + 4 * len(widths) * METADATA_HEADER)
     summed = 8 * (sum(2 * d * d for d in widths) + text_width ** 2)
+    summed_spectra = summed + 8 * (2 * sum(widths) + text_width)  # eigenvectors [d, d] + eigenvalues [d]
     sums = 8 * sum(2 * d * d for d in widths) * timesteps if keep_timestep_sums else 0
     matrices = per_timestep * timesteps + text
-    return {"matrices": matrices, "metadata": metadata, "summed_stats": summed, "timestep_sums": sums,
-            "total": matrices + metadata + summed + sums}
+    return {"matrices": matrices, "metadata": metadata, "summed_stats": summed, "summed_spectra": summed_spectra,
+            "timestep_sums": sums, "total": matrices + metadata + summed + summed_spectra + sums}
 
 
 def seed_estimate(widths: Sequence[int] = SD15_ATTN2_WIDTHS, timesteps: int = 50) -> int:

@@ -11,7 +11,7 @@ update on the preserved inputs is bounded by ``‖Δ' K₀‖²_F / n ≤ ‖Δ�
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,15 +33,70 @@ class Spectrum:
         return self.eigenvalues.numel()
 
 
-def spectrum(C: torch.Tensor | np.ndarray) -> Spectrum:
-    """``eigh`` of the symmetrised matrix in float64; tiny negative round-off eigenvalues are clamped to 0."""
+    @classmethod
+    def of_eigh(cls, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor) -> "Spectrum":
+        """From ``eigh``'s raw output: tiny negative round-off eigenvalues are clamped to 0."""
+        return cls(eigenvalues.clamp(min=0), eigenvectors)
+
+
+def _checked(C: torch.Tensor | np.ndarray) -> torch.Tensor:
     C = torch.as_tensor(C).to(torch.float64)
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise NullBoothError(f"expected a square matrix, got shape {tuple(C.shape)}")
     if not torch.isfinite(C).all():
         raise NullBoothError("the second-moment matrix contains NaN or Inf; recollect the statistics")
-    lam, V = torch.linalg.eigh((C + C.T) / 2)
-    return Spectrum(lam.clamp(min=0), V)
+    return C
+
+
+def spectrum(C: torch.Tensor | np.ndarray) -> Spectrum:
+    """``eigh`` of the symmetrised matrix in float64; tiny negative round-off eigenvalues are clamped to 0."""
+    C = _checked(C)
+    return Spectrum.of_eigh(*torch.linalg.eigh((C + C.T) / 2))
+
+
+def eigenvalues(C: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The eigenvalues of :func:`spectrum` (ascending, clamped at 0) without eigenvectors (``eigvalsh``)."""
+    C = _checked(C)
+    return torch.linalg.eigvalsh((C + C.T) / 2).clamp(min=0)
+
+
+BATCH_BYTES = 1 << 28  # float64 bytes of one stacked eigh batch (input; eigh needs about 4× that in all)
+
+
+# On the CPU torch runs the same LAPACK routine once per matrix either way, and stacking measured slower
+# (benchmarks/results/inspect.md: 67 vs 51 CPU s for one SD 1.5 step): batches pay off on an accelerator only.
+STACK_ON_CPU = False
+
+
+def eigh_batched(matrices: Sequence[torch.Tensor | np.ndarray], *,
+                 max_batch_bytes: int = BATCH_BYTES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Raw ``eigh`` (ascending eigenvalues ``[d]``, eigenvectors ``[d, d]``, float64) of many symmetrised matrices.
+
+    Matrices of one width and device are stacked into ``[B, d, d]`` batches of at most ``max_batch_bytes``
+    and decomposed on their own device (a GPU run decomposes where it accumulated); on the CPU one at a time. Each matrix goes
+    through the same LAPACK/cuSOLVER routine as :func:`spectrum`; eigenvalues agree with it to round-off
+    (bit for bit on the CPU), so null dimensions and projectors ``P = ÛÛᵀ`` are the same.
+    """
+    mats = [_checked(C) for C in matrices]
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mats)
+    groups: dict[tuple[int, torch.device], list[int]] = {}
+    for i, C in enumerate(mats):
+        groups.setdefault((C.shape[0], C.device), []).append(i)
+    for (d, device), idx in groups.items():
+        stack = device.type != "cpu" or STACK_ON_CPU
+        per_batch = max(1, max_batch_bytes // max(8 * d * d, 1)) if stack else 1
+        for start in range(0, len(idx), per_batch):
+            chunk = idx[start:start + per_batch]
+            S = torch.stack([mats[i] for i in chunk])  # [B, d, d]
+            lam, V = torch.linalg.eigh((S + S.mT) / 2)  # [B, d], [B, d, d]
+            for j, i in enumerate(chunk):
+                out[i] = (lam[j], V[j])
+    return [pair for pair in out if pair is not None]
+
+
+def spectra(matrices: Sequence[torch.Tensor | np.ndarray], *, max_batch_bytes: int = BATCH_BYTES) -> list[Spectrum]:
+    """:func:`spectrum` of many matrices, batched by width (:func:`eigh_batched`)."""
+    return [Spectrum.of_eigh(lam, V) for lam, V in eigh_batched(matrices, max_batch_bytes=max_batch_bytes)]
 
 
 def null_dimension(eigenvalues: torch.Tensor, mode: NullspaceMode, threshold: float) -> int:
@@ -103,7 +158,12 @@ class NullSpace:
 def null_space(C: torch.Tensor | np.ndarray, mode: NullspaceMode = "absolute", threshold: float = 2e-2,
                *, name: str = "") -> NullSpace:
     """The null space of ``C`` under a threshold mode; warns when it is empty or the whole space."""
-    spec = spectrum(C)
+    return null_space_of(spectrum(C), mode, threshold, name=name)
+
+
+def null_space_of(spec: Spectrum, mode: NullspaceMode = "absolute", threshold: float = 2e-2, *,
+                  name: str = "") -> NullSpace:
+    """:func:`null_space` of an already decomposed matrix (a stored or batched :class:`Spectrum`)."""
     k = null_dimension(spec.eigenvalues, mode, threshold)
     if name:
         warn_if_degenerate(name, k, spec.dim, spec.eigenvalues, mode, threshold)
@@ -163,25 +223,50 @@ def warn_if_degenerate(name: str, k: int, d: int, eigenvalues: torch.Tensor, mod
         )
 
 
-def validate_covariance(C: np.ndarray | torch.Tensor, *, rtol: float = 1e-5) -> dict[str, object]:
-    """The seed's quality checks (symmetric, PSD, condition number, rank), computed in float64."""
+def validate_covariance(C: np.ndarray | torch.Tensor, *, rtol: float = 1e-5,
+                        eigenvalues: np.ndarray | None = None) -> dict[str, object]:
+    """The seed's quality checks (symmetric, PSD, condition number, rank), computed in float64.
+
+    ``eigenvalues``: the float64 spectrum of the statistic ``C`` rounds, known from when it was written
+    (ascending); ``eigvalsh`` is then skipped. Rounding to the stored dtype moves each eigenvalue by at most
+    ``‖C − C_stored‖₂`` (Weyl), within the PSD tolerance below, so the verdicts are those of the stored matrix.
+    """
     stored = torch.as_tensor(C)
     eps = torch.finfo(stored.dtype).eps if stored.is_floating_point() else np.finfo(np.float64).eps
-    C64 = np.asarray(stored.to(torch.float64).numpy())
-    finite = bool(np.isfinite(C64).all())
+    A = stored.numpy() if stored.is_floating_point() else stored.to(torch.float64).numpy()  # no float64 copy
+    finite = bool(np.isfinite(A).all())
     if not finite:
         return {"finite": False, "symmetric": False, "positive_semidefinite": False,
                 "well_conditioned": False, "condition_number": float("inf"), "rank": 0}
-    scale = max(float(np.abs(C64).max()), 1e-300)
-    lam = np.linalg.eigvalsh((C64 + C64.T) / 2)
+    scale = max(float(np.abs(A).max()), 1e-300)
+    if eigenvalues is None:
+        C64 = A.astype(np.float64)
+        lam = np.linalg.eigvalsh((C64 + C64.T) / 2)
+    else:
+        lam = np.asarray(eigenvalues, np.float64)
     lam_max = max(float(lam[-1]), 0.0)
     cond = float(lam_max / lam[0]) if lam[0] > 0 else float("inf")
     return {
         "finite": True,
-        "symmetric": bool(np.allclose(C64, C64.T, rtol=rtol, atol=rtol * scale)),
+        "symmetric": is_symmetric(A, rtol=rtol, atol=rtol * scale),
         # Rounding a PSD matrix to its storage dtype moves eigenvalues by up to about d·ε·λ_max.
-        "positive_semidefinite": bool(lam[0] >= -C64.shape[0] * eps * max(lam_max, 1e-300)),
+        "positive_semidefinite": bool(lam[0] >= -A.shape[0] * eps * max(lam_max, 1e-300)),
         "well_conditioned": bool(cond < 1e12),
         "condition_number": cond,
-        "rank": int(np.sum(lam > lam_max * C64.shape[0] * np.finfo(np.float64).eps)),
+        "rank": int(np.sum(lam > lam_max * A.shape[0] * np.finfo(np.float64).eps)),
     }
+
+
+def is_symmetric(A: np.ndarray, *, rtol: float, atol: float, tile: int = 256) -> bool:
+    """``np.allclose(A, Aᵀ, rtol, atol)`` in float64, tile by tile: a tile and its transposed partner stay in cache
+    and no ``[d, d]`` float64 temporary is made (the whole-matrix form strides through memory, ~5× slower)."""
+    d = A.shape[0]
+    for i in range(0, d, tile):
+        for j in range(i, d, tile):
+            a = A[i:i + tile, j:j + tile].astype(np.float64)
+            b = A[j:j + tile, i:i + tile].T.astype(np.float64)
+            if not (np.abs(a - b) <= atol + rtol * np.abs(b)).all():  # NaN compares False, as allclose's
+                return False
+            if i != j and not (np.abs(b - a) <= atol + rtol * np.abs(a)).all():  # the lower tile against the upper
+                return False
+    return True

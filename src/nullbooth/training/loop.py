@@ -10,7 +10,12 @@ gradient accumulation is written out.
 :func:`train` is set-up (:mod:`nullbooth.training.setup`) → :func:`loop` → :func:`finish` (the method's files,
 the report of :mod:`nullbooth.training.report` and the model card), holding ``output_dir``'s lock throughout.
 
-Determinism: the VAE and text encoder are frozen, so the latent distributions of the images are
+Both pipeline families run this one loop: prompts are encoded by :meth:`Method.encode_prompt` (or once, in the
+set-up, when no text encoder is trained) and the UNet is called with
+:func:`nullbooth.conditioning.unet_conditioning` — on SDXL also the pooled text embedding and each image's size
+micro-conditioning (original size, crop, target size; Podell et al. 2023, §2.2).
+
+Determinism: the VAE and text encoders are frozen, so the latent distributions of the images are
 computed once; every random draw of the loop (latent sample, noise, timestep) comes from one
 generator per process whose state is checkpointed, and the batch order is a pure function of the
 step (:func:`nullbooth.dataset.batch_indices`). Checkpoints are safetensors + JSON
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nullbooth.conditioning import Encoded, text_encoders, unet_conditioning
 from nullbooth.config import Config
 from nullbooth.dataset import batch_indices
 from nullbooth.errors import NullBoothError
@@ -63,7 +69,8 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True,
             losses, step_seconds, seconds = loop(ts, cfg, progress, on_step)
         # -- finish: the method's files and the report
         report = finish(cfg, ts, losses, step_seconds, seconds=seconds)
-    ts.pipe.text_encoder.to(ts.accelerator.device)  # back from the CPU (pre_compute_text_embeddings): a whole pipeline
+    for encoder in text_encoders(ts.pipe):  # back from the CPU (pre_compute_text_embeddings): a whole pipeline
+        encoder.to(ts.accelerator.device)
     return report
 
 
@@ -124,7 +131,7 @@ def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
     accum, scaling = cfg.gradient_accumulation_steps, ts.pipe.vae.config.scaling_factor
     step_loss = torch.zeros((), device=accelerator.device)
     for micro in range(accum):
-        idx, mean, std, prompt = micro_batch(ts, cfg, step * accum + micro)
+        idx, mean, std, prompt, sizes = micro_batch(ts, cfg, step * accum + micro)
         eps = torch.randn(mean.shape, generator=ts.generator, device=mean.device)
         latents = (mean + std * eps) * scaling  # [bsz, 4, h, w]: a fresh sample of q(z | image), as encode() would draw
         noise = torch.randn(latents.shape, generator=ts.generator, device=latents.device)  # ε [bsz, 4, h, w]
@@ -143,8 +150,11 @@ def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
         # Gradients are all-reduced only on the last micro-step of an accumulation.
         with accelerator.no_sync(ts.unet) if micro < accum - 1 else nullcontext():
             with accelerator.autocast():
-                text = method.encode_prompt(ts.text_encoder, prompt) if method.trains_text_encoder else prompt
-                pred = ts.unet(noisy, t, text).sample.float()  # [bsz, 4, h, w]
+                # ids [bsz, E, 77] → [E, bsz, 77] for the E encoders
+                text = method.encode_prompt(ts.text_encoders, prompt.transpose(0, 1)) if method.trains_text_encoder \
+                    else prompt
+                conditioning = unet_conditioning(ts.pipe, text, sizes, ts.resolution)
+                pred = ts.unet(noisy, t, **conditioning).sample.float()  # [bsz, 4, h, w]
             if ts.classes is not None:  # DreamBooth eq. 2: instance loss + λ · prior-preservation loss
                 pred, pred_prior = pred.chunk(2)
                 target, target_prior = target.chunk(2)
@@ -159,20 +169,22 @@ def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
     return step_loss
 
 
-def micro_batch(ts: Setup, cfg: Config, m: int) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Micro-step ``m``'s examples on this process: the instance indices, then ``q(z | x)`` mean, std and prompt
-    inputs of the instance examples followed, with prior preservation, by as many class examples. The batch
+def micro_batch(ts: Setup, cfg: Config, m: int,
+                ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | Encoded, torch.Tensor]:
+    """Micro-step ``m``'s examples on this process: the instance indices, then ``q(z | x)`` mean, std, prompt
+    inputs and SDXL time ids of the instance examples followed, with prior preservation, by as many class examples
+    (each image's time ids those of the variant drawn, :meth:`Examples.take`). The batch
     order is a function of ``m`` alone, so a resumed run continues it exactly; which crop / mirror image of an
     example is used is drawn from the loop's generator (checkpointed), and only when a set has such variants."""
     rank, world, B = ts.accelerator.process_index, ts.accelerator.num_processes, cfg.train_batch_size
     idx = batch_indices(len(ts.instance), B, m, rank, world, cfg.seed)
-    mean, std, prompt = ts.instance.take(idx, ts.generator)  # [B, 4, h, w] each, [B, 77(, d)]
+    mean, std, prompt, sizes = ts.instance.take(idx, ts.generator)  # [B, 4, h, w] each, [B, E, 77] | Encoded, [B, 6]
     if ts.classes is not None:
         cidx = batch_indices(len(ts.classes), B, m, rank, world, cfg.seed + 1)
-        cmean, cstd, cprompt = ts.classes.take(cidx, ts.generator)
-        mean, std = torch.cat([mean, cmean]), torch.cat([std, cstd])  # [2B, 4, h, w]
-        prompt = torch.cat([prompt, cprompt])  # [2B, 77(, d)]
-    return idx, mean, std, prompt
+        cmean, cstd, cprompt, csizes = ts.classes.take(cidx, ts.generator)
+        mean, std, sizes = torch.cat([mean, cmean]), torch.cat([std, cstd]), torch.cat([sizes, csizes])  # [2B, …]
+        prompt = Encoded.cat([prompt, cprompt]) if isinstance(prompt, Encoded) else torch.cat([prompt, cprompt])
+    return idx, mean, std, prompt, sizes
 
 
 def finish(cfg: Config, ts: Setup, losses: list[float], step_seconds: list[float], *, seconds: float) -> dict[str, Any]:

@@ -5,8 +5,9 @@
 - the prior-preservation class examples of DreamBooth eq. 2 (:func:`class_examples`): the run's own
   generations with their prompts, or each subject's ``class_data_dir`` topped up by the base model;
 - the held-out features the report measures leakage on (:func:`heldout_statistics`);
-- the frozen VAE's ``q(z | x)`` and the frozen text encoder's encodings, computed once
-  (:func:`latent_distributions`, :func:`prompt_inputs`).
+- the frozen VAE's ``q(z | x)`` and the frozen text encoders' encodings, computed once
+  (:func:`latent_distributions`, :func:`prompt_inputs`), and each image variant's SDXL size conditioning
+  (:func:`variant_time_ids`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from nullbooth import conditioning
+from nullbooth.conditioning import Encoded
 from nullbooth.config import Config, SubjectBlock
 from nullbooth.dataset import (
     Augmentation,
@@ -26,7 +29,6 @@ from nullbooth.dataset import (
     generate_class_images,
     load_examples,
     read_image_folder,
-    tokenize,
 )
 from nullbooth.errors import NullBoothError
 from nullbooth.methods.base import Method
@@ -153,13 +155,28 @@ def run_prompts(run_dir: Path) -> list[str] | None:
     return prompts if digest == manifest["identity"].get("prompts_sha256") else None
 
 
-def prompt_inputs(method: Method, pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """Token ids ``[N, 77]`` when the method trains the text encoder, else the (fixed) encodings ``[N, 77, d]``."""
-    ids = tokenize(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
+def prompt_inputs(method: Method, pipe, prompts: Sequence[str]) -> torch.Tensor | Encoded:
+    """Token ids ``[N, E, 77]`` (row ``i``: prompt ``i`` for each of the ``E`` tokenizers) when the method trains a
+    text encoder, else the fixed encodings (:class:`~nullbooth.conditioning.Encoded`: ``hidden [N, 77, D]``, SDXL's
+    ``pooled [N, P]``), 16 prompts at a time."""
+    ids = conditioning.tokenize(pipe, prompts).to(pipe.text_encoder.device)  # [E, N, 77]
     if method.trains_text_encoder:
-        return ids
+        return ids.transpose(0, 1)
+    encoders = conditioning.text_encoders(pipe)
     with torch.no_grad():
-        return torch.cat([method.encode_prompt(pipe.text_encoder, ids[i:i + 16]) for i in range(0, len(ids), 16)])
+        return Encoded.cat([method.encode_prompt(encoders, ids[:, i:i + 16]) for i in range(0, len(prompts), 16)])
+
+
+def variant_time_ids(examples: Sequence[Example], resolution: int) -> torch.Tensor:
+    """SDXL's ``time_ids [M, 6]`` of every variant of every example, in :func:`latent_distributions`' row order:
+    the image's original ``(h, w)``, the variant's crop ``(top, left)`` and the target ``(resolution, resolution)``
+    (:func:`nullbooth.conditioning.time_ids`, as diffusers' ``train_dreambooth_lora_sdxl.py``). An example without
+    recorded sizes counts as a whole ``resolution``² image."""
+    original, crops = [], []
+    for e in examples:
+        original += [e.original_size or (resolution, resolution)] * len(e.variants)
+        crops += list(e.crops_top_left) or [(0, 0)] * len(e.variants)
+    return conditioning.time_ids(torch.tensor(original), torch.tensor(crops), (resolution, resolution))
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from nullbooth import __version__
+from nullbooth.conditioning import text_encoders
 from nullbooth.config import Config
 from nullbooth.filenames import TRAIN_REPORT_HTML, VALIDATION_DIR
 from nullbooth.methods.adapters import split_target
@@ -39,16 +40,19 @@ def validate(cfg: Config, pipe, output_dir: Path, step: int, resolution: int) ->
     """Sample the validation prompt with the model as it is now (image ``i`` with seed ``seed + i``, in one
     pipeline call); their grid is written to ``validation/step-<step>.png`` and the images are returned."""
     n = cfg.num_validation_images
-    training, encoder_training, encoder_device = pipe.unet.training, pipe.text_encoder.training, pipe.text_encoder.device
+    encoders = text_encoders(pipe)
+    training, encoder_state = pipe.unet.training, [(e.training, e.device) for e in encoders]
     pipe.unet.eval()  # inference: e.g. Perfusion's i* EMA must not move while sampling, LoRA dropout must not act
-    pipe.text_encoder.eval()
-    pipe.text_encoder.to(pipe.unet.device)  # pre_compute_text_embeddings parks it on the CPU while training
+    for encoder in encoders:
+        encoder.eval()
+        encoder.to(pipe.unet.device)  # pre_compute_text_embeddings parks it on the CPU while training
     try:
         images = sample(pipe, [cfg.validation_prompt] * n, range(cfg.seed, cfg.seed + n), size=resolution,
                         steps=cfg.generate.num_inference_steps, guidance=cfg.generate.guidance_scale, batch_size=None)
     finally:
         pipe.unet.train(training)
-        pipe.text_encoder.train(encoder_training).to(encoder_device)
+        for encoder, (encoder_training, encoder_device) in zip(encoders, encoder_state):
+            encoder.train(encoder_training).to(encoder_device)
     path = output_dir / VALIDATION_DIR / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(path)

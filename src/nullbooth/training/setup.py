@@ -2,9 +2,13 @@
 
 The order matters: the configuration and the checkpoint to resume are checked before anything is
 loaded; the statistics run, the held-out features and the class images are taken from the *base*
-model, before ``method.prepare`` changes it; the frozen VAE and text encoder turn the images and
+model, before ``method.prepare`` changes it; the frozen VAE and text encoders turn the images and
 prompts into ``q(z | x)`` and encodings once; and the loop's one random generator is seeded last
 (``seed · 1000 + rank``), so nothing in the set-up draws from it.
+
+Nothing is sampled or decomposed before the first step unless the run needs it: the statistics run is collected
+only for ``nullbooth`` when none matches, class images only for the ones missing, held-out features only with
+``heldout_prompts`` (and validation images only with ``validation_prompt``, in the loop).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from torch import nn
 
+from nullbooth.conditioning import Encoded, text_encoders
 from nullbooth.config import Config, check_training
 from nullbooth.dataset import Example
 from nullbooth.errors import NullBoothError
@@ -59,6 +64,7 @@ from nullbooth.training.prior import (
     latent_distributions,
     prompt_inputs,
     statistics_run,
+    variant_time_ids,
 )
 from nullbooth.training.trackers import check_backend
 
@@ -71,35 +77,39 @@ RESULT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, LEGACY_ADAPTER_CONFIG, LORA_WEI
 
 @dataclass
 class Examples:
-    """An image set as the loop reads it, on the device: ``q(z | x)`` of every variant of every image (crops and
-    mirror images, :class:`nullbooth.dataset.Augmentation`; rows image after image) and each image's prompt input.
+    """An image set as the loop reads it, on the device: ``q(z | x)`` and SDXL's size conditioning of every variant of
+    every image (crops and mirror images, :class:`nullbooth.dataset.Augmentation`; rows image after image) and each
+    image's prompt input.
 
     Without augmentation every image has one variant and row ``i`` is image ``i``.
     """
 
     mean: torch.Tensor  # [M, 4, h, w], M = Σ variants
     std: torch.Tensor  # [M, 4, h, w]
-    text: torch.Tensor  # [N, 77] token ids (text encoder trained) or [N, 77, d] fixed encodings
+    text: torch.Tensor | Encoded  # [N, E, 77] token ids (a text encoder trained) or fixed encodings (hidden [N, 77, D])
     first: torch.Tensor  # [N] long: the row of image i's first variant
     count: torch.Tensor  # [N] long: image i's number of variants
+    sizes: torch.Tensor  # [M, 6] SDXL time_ids of each variant (unused by SD pipelines)
 
     def __len__(self) -> int:
-        return self.text.shape[0]
+        return len(self.text)
 
     @property
     def augmented(self) -> bool:
         """Whether some image has more than one variant (only then does :meth:`take` draw)."""
         return self.mean.shape[0] > len(self)
 
-    def take(self, idx: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``q(z | x)`` mean, std ``[B, 4, h, w]`` and prompt input ``[B, 77(, d)]`` of images ``idx``, each in a
-        variant drawn uniformly from ``generator`` — which is not drawn from when no image has several."""
+    def take(self, idx: list[int], generator: torch.Generator,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Encoded, torch.Tensor]:
+        """``q(z | x)`` mean, std ``[B, 4, h, w]``, prompt input (``[B, E, 77]`` ids or encodings) and time ids
+        ``[B, 6]`` of images ``idx``, each in a variant drawn uniformly from ``generator`` — which is not drawn from
+        when no image has several."""
         rows: list[int] | torch.Tensor = idx
         if self.augmented:
             u = torch.rand(len(idx), generator=generator, device=generator.device)  # [B] in [0, 1)
             pick = torch.minimum((u * self.count[idx]).long(), self.count[idx] - 1)  # [B], uniform over 0..V_i-1
             rows = self.first[idx] + pick
-        return self.mean[rows], self.std[rows], self.text[idx]
+        return self.mean[rows], self.std[rows], self.text[idx], self.sizes[rows]
 
 
 @dataclass
@@ -110,7 +120,7 @@ class Setup:
     pipe: Any  # the diffusers pipeline on the device, its UNet changed by the method
     method: Method
     unet: nn.Module  # pipe.unet as accelerate prepared it
-    text_encoder: nn.Module
+    text_encoders: list[nn.Module]  # the pipeline's (SDXL: two), those the method trains as accelerate prepared them
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     params: list[nn.Parameter]  # everything the optimizer steps: the gradient norm is clipped over these
@@ -161,6 +171,7 @@ def _setup(cfg: Config, pipe, accelerator: Accelerator, lock: FolderLock | None,
     pipe.to(accelerator.device)
     resolution = check_size(pipe, cfg.resolution)  # a multiple of the VAE's scale, at most 4× the native size
     method = make_method(cfg)
+    method.check(pipe)
     check_data_options(cfg, method, accelerator.device)  # before the statistics and class images are made
     instance = instance_examples(cfg, resolution)  # every subject's, each with its own prompt
 
@@ -178,19 +189,22 @@ def _setup(cfg: Config, pipe, accelerator: Accelerator, lock: FolderLock | None,
     torch.manual_seed(cfg.seed * 1000 + accelerator.process_index)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    instance_data = encode_examples(method, pipe, instance)
-    class_data = encode_examples(method, pipe, classes) if classes else None
+    instance_data = encode_examples(method, pipe, instance, resolution)
+    class_data = encode_examples(method, pipe, classes, resolution) if classes else None
+    encoders = text_encoders(pipe)
     if cfg.pre_compute_text_embeddings:
-        # Every prompt is encoded now: free the accelerator's copy (diffusers deletes the encoder).
-        pipe.text_encoder.to("cpu")
+        # Every prompt is encoded now: free the accelerator's copy (diffusers deletes the encoders).
+        for encoder in encoders:
+            encoder.to("cpu")
     optimizer, lr_scheduler = make_optimizer(cfg, param_groups, accelerator.num_processes)
-    if method.trains_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(pipe.unet, pipe.text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
-        text_encoder = pipe.text_encoder
+    # The encoders with trainable parameters go through accelerate (DDP refuses a module with none to train).
+    trained = [i for i, e in enumerate(encoders) if method.trains_text_encoder and
+               any(p.requires_grad for p in e.parameters())]
+    unet, *prepared, optimizer = accelerator.prepare(pipe.unet, *(encoders[i] for i in trained), optimizer)
+    for i, encoder in zip(trained, prepared):
+        encoders[i] = encoder
     return Setup(
-        accelerator=accelerator, pipe=pipe, method=method, unet=unet, text_encoder=text_encoder,
+        accelerator=accelerator, pipe=pipe, method=method, unet=unet, text_encoders=encoders,
         optimizer=optimizer, lr_scheduler=lr_scheduler,
         params=[p for group in optimizer.param_groups for p in group["params"]],
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
@@ -269,10 +283,11 @@ def check_data_options(cfg: Config, method: Method, device: torch.device) -> Non
                              "its encodings cannot be computed once; turn pre_compute_text_embeddings off")
 
 
-def encode_examples(method: Method, pipe, examples: list[Example]) -> Examples:
+def encode_examples(method: Method, pipe, examples: list[Example], resolution: int) -> Examples:
     """The VAE is frozen, so each image variant's ``q(z | x)`` is computed once; so is each prompt's encoding
-    when the text encoder is frozen too (the method says), otherwise the loop encodes the token ids."""
+    when the text encoders are frozen too (the method says), otherwise the loop encodes the token ids."""
     mean, std = latent_distributions(pipe.vae, examples)  # [M, 4, h, w] each
     count = torch.tensor([len(e.variants) for e in examples], device=mean.device)  # [N]
     first = torch.cumsum(count, 0) - count  # [N]
-    return Examples(mean, std, prompt_inputs(method, pipe, [e.prompt for e in examples]), first, count)
+    sizes = variant_time_ids(examples, resolution).to(mean.device)  # [M, 6]
+    return Examples(mean, std, prompt_inputs(method, pipe, [e.prompt for e in examples]), first, count, sizes)

@@ -3,7 +3,9 @@
 ``C = Σ e eᵀ / n`` over the text encodings ``e`` that every cross-attention ``to_k``/``to_v`` reads
 (docs/design.md §2, uncentered). Perfusion uses only ``C⁻¹``, in ``s(e) = i*ᵀ C⁻¹ e / i*ᵀ C⁻¹ i*``, which is
 invariant to ``C → cC``. Where ``C`` comes from (:func:`default_covariance`): the shipped CLIP ViT-L/14
-matrix for SD 1.x, else one accumulated in float64 from prompts and cached per text encoder.
+matrix for SD 1.x, else one accumulated in float64 from prompts and cached per text encoder(s). The
+encodings are the pipeline's own (:func:`nullbooth.conditioning.encode_prompts`): on SDXL both encoders'
+penultimate hidden states side by side, so ``C`` is ``2048 × 2048`` there and the shipped matrix never applies.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import types
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nullbooth import __version__
+from nullbooth.conditioning import encode_prompts, is_sdxl, text_encoders, tokenizers
 from nullbooth.config import PerfusionBlock
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import SHIPPED_COVARIANCE
@@ -34,9 +38,9 @@ from nullbooth.stats.moments import SecondMoment
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AUTO_EIGENVALUE_FLOOR", "CLIP_L14_TEXT_WIDTH", "accumulate_text_second_moment", "builtin_covariance_prompts",
-    "default_covariance", "inverse_covariance", "load_shipped_covariance", "module_device", "read_covariance_file",
-    "resolve_covariance", "shipped_covariance_for", "text_components",
+    "AUTO_EIGENVALUE_FLOOR", "CLIP_L14_TEXT_WIDTH", "builtin_covariance_prompts",
+    "default_covariance", "encoding_second_moment", "inverse_covariance", "load_shipped_covariance", "module_device",
+    "read_covariance_file", "resolve_covariance", "shipped_covariance_for", "text_components", "text_width",
 ]
 
 # the shipped C fits only SD 1.x's text encoder, recognised by its width and vocabulary
@@ -135,7 +139,7 @@ def load_shipped_covariance() -> Tensor:
 
 
 def text_components(obj: Any) -> tuple[nn.Module, Any]:
-    """(text_encoder, tokenizer) from a pipeline or a ``(text_encoder, tokenizer)`` pair."""
+    """(text_encoder, tokenizer) from a pipeline or a ``(text_encoder, tokenizer)`` pair (SDXL: the first ones)."""
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return obj[0], obj[1]
     te, tok = getattr(obj, "text_encoder", None), getattr(obj, "tokenizer", None)
@@ -147,6 +151,19 @@ def text_components(obj: Any) -> tuple[nn.Module, Any]:
     return te, tok
 
 
+def _text_pipe(obj: Any) -> Any:
+    """What :mod:`nullbooth.conditioning` encodes with: the pipeline itself, or a pair standing in for one."""
+    text_encoder, tokenizer = text_components(obj)
+    if isinstance(obj, (tuple, list)):
+        return types.SimpleNamespace(text_encoder=text_encoder, tokenizer=tokenizer)
+    return obj
+
+
+def text_width(pipe: Any) -> int:
+    """Width of the text encodings the cross-attention K/V read: one encoder's, or SDXL's two side by side."""
+    return sum(int(encoder.config.hidden_size) for encoder in text_encoders(_text_pipe(pipe)))
+
+
 def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -154,9 +171,14 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def accumulate_text_second_moment(text_encoder: nn.Module, tokenizer: Any, texts: Sequence[str],
-                                  batch_size: int = 32, *, tokens: Literal["all", "real"] = "all") -> SecondMoment:
-    """Streaming float64 ``Σ e eᵀ`` and count over text encodings (see :func:`nullbooth.methods.perfusion.compat.calculate_input_covariance`)."""
+def encoding_second_moment(pipe: Any, texts: Sequence[str], batch_size: int = 32, *,
+                           tokens: Literal["all", "real"] = "all") -> SecondMoment:
+    """Streaming float64 ``Σ e eᵀ`` and count over ``pipe``'s own encodings of ``texts`` (what ``attn2`` reads:
+    :func:`nullbooth.conditioning.encode_prompts`), ``batch_size`` prompts at a time.
+
+    ``tokens='real'`` keeps the positions the (first) tokenizer's attention mask marks (BOS, words, EOS); see
+    :func:`nullbooth.methods.perfusion.compat.calculate_input_covariance`.
+    """
     if tokens not in ("all", "real"):
         raise NullBoothError(f"expected tokens='all' or 'real', got {tokens!r}")
     texts = list(texts)
@@ -164,16 +186,18 @@ def accumulate_text_second_moment(text_encoder: nn.Module, tokenizer: Any, texts
         raise NullBoothError("expected at least one prompt to compute the covariance from, got none")
     if batch_size < 1:
         raise NullBoothError(f"expected batch_size >= 1, got {batch_size}")
-    device = module_device(text_encoder)
+    pipe = _text_pipe(pipe)
     stat: SecondMoment | None = None
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
-                          max_length=tokenizer.model_max_length, return_tensors="pt")
-        enc = text_encoder(batch.input_ids.to(device))[0]  # [b, n, d]
+        batch = texts[start:start + batch_size]
+        enc = encode_prompts(pipe, batch, batch_size=len(batch)).hidden  # [b, n, d]
         if stat is None:
             stat = SecondMoment(enc.shape[-1])
         if tokens == "real":
-            enc = enc[batch.attention_mask.to(device).bool()]  # [Σ real tokens, d]: BOS, words, EOS
+            tokenizer = tokenizers(pipe)[0]
+            mask = tokenizer(batch, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                             return_tensors="pt").attention_mask
+            enc = enc[mask.to(enc.device).bool()]  # [Σ real tokens, d]: BOS, words, EOS
         stat.add(enc)
     assert stat is not None
     return stat
@@ -192,13 +216,15 @@ def builtin_covariance_prompts() -> list[str]:
     return [t.format(s) for t in templates for s in subjects]
 
 
-def _hash_text_encoder(text_encoder: nn.Module, tokenizer: Any) -> hashlib._Hash:
+def _hash_text_encoders(pipe: Any) -> hashlib._Hash:
+    """SHA-256 over every text encoder's weights and its tokenizer, in concatenation order."""
     h = hashlib.sha256()
-    for name, t in sorted(text_encoder.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(f"{type(tokenizer).__name__}|{len(tokenizer)}|{tokenizer.model_max_length}".encode())
+    for text_encoder, tokenizer in zip(text_encoders(pipe), tokenizers(pipe)):
+        for name, t in sorted(text_encoder.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{type(tokenizer).__name__}|{len(tokenizer)}|{tokenizer.model_max_length}".encode())
     return h
 
 
@@ -211,21 +237,22 @@ def _is_clip_l14(text_encoder: nn.Module) -> bool:
 
 def default_covariance(pipe: Any, prompts: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
                        *, tokens: Literal["all", "real"] = "all", batch_size: int = 32) -> Tensor:
-    """``C`` for ``pipe``'s text encoder (float64): shipped, cached, or computed and cached.
+    """``C`` for ``pipe``'s text encoding (float64): shipped, cached, or computed and cached.
 
-    * no ``prompts`` and an SD 1.x CLIP ViT-L/14 text encoder (CLIP text model, width 768, CLIP vocab):
-      the shipped matrix;
-    * otherwise ``C`` is computed from ``prompts`` (default :func:`builtin_covariance_prompts`) and
-      cached as safetensors under ``cache_dir`` (default ``$NULLBOOTH_CACHE/perfusion``), keyed by a
-      hash of the text-encoder weights, the tokenizer, the prompts and ``tokens``.
+    * no ``prompts`` and an SD 1.x CLIP ViT-L/14 text encoder alone (CLIP text model, width 768, CLIP vocab):
+      the shipped matrix (SDXL's first encoder is one too, but its ``attn2`` reads 2048 wide: never shipped);
+    * otherwise ``C`` is computed from ``prompts`` (default :func:`builtin_covariance_prompts`) with
+      :func:`encoding_second_moment` and cached as safetensors under ``cache_dir`` (default
+      ``$NULLBOOTH_CACHE/perfusion``), keyed by a hash of the text-encoder weights, the tokenizers, the prompts and
+      ``tokens``.
     """
-    text_encoder, tokenizer = text_components(pipe)
-    width = text_encoder.config.hidden_size
-    if prompts is None and _is_clip_l14(text_encoder):
+    text_pipe = _text_pipe(pipe)
+    width = text_width(text_pipe)
+    if prompts is None and not is_sdxl(text_pipe) and _is_clip_l14(text_pipe.text_encoder):
         logger.info("using the shipped CLIP ViT-L/14 text covariance (%s)", SHIPPED_COVARIANCE.name)
         return load_shipped_covariance()
     prompts = list(prompts) if prompts is not None else builtin_covariance_prompts()
-    h = _hash_text_encoder(text_encoder, tokenizer)
+    h = _hash_text_encoders(text_pipe)
     h.update(json.dumps({"prompts": prompts, "tokens": tokens, "v": _COVARIANCE_CACHE_VERSION}).encode())
     key = h.hexdigest()[:24]
     if cache_dir is None:
@@ -240,7 +267,7 @@ def default_covariance(pipe: Any, prompts: Sequence[str] | None = None, cache_di
             )
         logger.info("loaded cached text covariance %s", path)
         return C
-    stat = accumulate_text_second_moment(text_encoder, tokenizer, prompts, batch_size, tokens=tokens)
+    stat = encoding_second_moment(text_pipe, prompts, batch_size, tokens=tokens)
     C = stat.moment()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".cov-", suffix=".safetensors", dir=path.parent)
@@ -293,11 +320,12 @@ def _sha256(C: Tensor) -> str:
 
 
 def resolve_covariance(pipe: Any, block: PerfusionBlock) -> tuple[Tensor, dict[str, Any]]:
-    """``C`` for ``pipe``'s (base) text encoder and how it was obtained (recorded in ``perfusion_config.json``).
+    """``C`` for ``pipe``'s (base) text encoding and how it was obtained (recorded in ``perfusion_config.json``).
 
-    ``covariance_file`` → that matrix; ``covariance_prompts`` → computed from those prompts (cached);
-    otherwise :func:`default_covariance` (shipped for SD 1.x, else computed from a built-in prompt list and
-    cached). Call it before the concept token is added.
+    ``covariance_file`` → that matrix (:func:`inverse_covariance` refuses one that is not as wide as the encodings
+    ``attn2`` reads, :func:`text_width`, when the editor is built); ``covariance_prompts`` → computed from those
+    prompts (cached); otherwise :func:`default_covariance` (shipped for SD 1.x, else computed from a built-in prompt
+    list and cached). Call it before the concept token is added.
     """
     if block.covariance_file is not None:
         path = Path(block.covariance_file).resolve()

@@ -4,6 +4,10 @@ It composes the parts of this package on a diffusers Stable Diffusion pipeline: 
 (:mod:`~nullbooth.methods.perfusion.concept`), the text-encoder hook (:mod:`~nullbooth.methods.perfusion.context`),
 one rank-1 edit per cross-attention K/V (:mod:`~nullbooth.methods.perfusion.wiring`) and concept files
 (:mod:`~nullbooth.methods.perfusion.files`), and undoes all of it exactly.
+
+SD 1.x/2.x and SDXL share this code (:mod:`nullbooth.conditioning`): on SDXL the concept token is added to both
+tokenizers and both embedding tables (each row initialised from the superclass in that table, both trained), and
+``i*``, ``e_H`` and ``C`` live in the concatenated encoding ``attn2`` reads.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from nullbooth.conditioning import encode_ids, text_encoders, tokenize, tokenizers
 from nullbooth.errors import NullBoothError
 from nullbooth.methods.perfusion.concept import (
     ConceptToken,
@@ -28,7 +33,7 @@ from nullbooth.methods.perfusion.concept import (
     superclass_token_ids,
 )
 from nullbooth.methods.perfusion.context import PerfusionContext
-from nullbooth.methods.perfusion.covariance import default_covariance, inverse_covariance, module_device
+from nullbooth.methods.perfusion.covariance import default_covariance, inverse_covariance, text_width
 from nullbooth.methods.perfusion.files import PerfusionConcept, load_concept, save_concept
 from nullbooth.methods.perfusion.module import Rank1EditModule
 from nullbooth.methods.perfusion.wiring import (
@@ -38,12 +43,15 @@ from nullbooth.methods.perfusion.wiring import (
     wired_modules,
 )
 
-__all__ = ["DEFAULT_EMBEDDING_LR", "DEFAULT_VALUE_LR", "PerfusionEditor"]
+__all__ = ["DEFAULT_EMBEDDING_LR", "DEFAULT_VALUE_LR", "PerfusionEditor", "read_concepts"]
 
 # Learning rates of the two trainable tensors. The paper trains the concept embedding with a lower
 # rate than o*_V; these values follow lucidrains' reading of it ("0.006 vs 0.03").
 DEFAULT_VALUE_LR = 0.03
 DEFAULT_EMBEDDING_LR = 0.006
+
+# The pipeline parts an editor freezes (and restores the requires_grad flags of); absent ones are skipped.
+_PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 
 # Prompts used to initialise i* and o*_V when a concept is attached (the mean over them).
 _INIT_TEMPLATES = (
@@ -67,16 +75,22 @@ class PerfusionEditor:
     Mode follows the UNet: ``pipe.unet.train()`` updates the EMA of ``i*`` and uses the training gate.
     """
 
-    def __init__(self, pipe: Any, concepts: list[ConceptToken], context: PerfusionContext,
-                 modules: dict[str, tuple[Rank1EditModule, Rank1EditModule]], embedding: ConceptTokenEmbedding,
+    def __init__(self, pipe: Any, encoder_concepts: list[list[ConceptToken]], context: PerfusionContext,
+                 modules: dict[str, tuple[Rank1EditModule, Rank1EditModule]], embeddings: list[ConceptTokenEmbedding],
                  undo: dict[str, Any]) -> None:
         self.pipe = pipe
-        self.concepts = concepts
+        self.encoder_concepts = encoder_concepts  # per text encoder: the concepts as its tokenizer numbers them
+        self.concepts = encoder_concepts[0]
         self.ctx = context
         self.modules = modules
-        self.embedding = embedding
+        self.embeddings = embeddings  # per text encoder, in concatenation order
         self._undo = undo
         self.attached = True
+
+    @property
+    def embedding(self) -> ConceptTokenEmbedding:
+        """The (first) text encoder's concept embedding (SD's only one)."""
+        return self.embeddings[0]
 
     # -- construction --
     @classmethod
@@ -121,11 +135,7 @@ class PerfusionEditor:
         """Attach one or more saved concepts (multi-concept generation); refuses files that do not fit the model."""
         if not paths:
             raise NullBoothError("expected at least one concept file to load, got none")
-        concepts = [load_concept(p) for p in paths]
-        layer_widths = {n: a.to_v.out_features for n, a in find_cross_attention_layers(pipe.unet).items()}
-        text_dim = pipe.text_encoder.config.hidden_size
-        for p, c in zip(paths, concepts):
-            c.check_compatible(layer_widths, text_dim, source=str(p))
+        concepts = read_concepts(pipe, paths)
         tokens = [c.token for c in concepts]
         if len(set(tokens)) != len(tokens):
             raise NullBoothError(f"two concept files use the same token ({tokens}); each concept needs its own token")
@@ -144,7 +154,8 @@ class PerfusionEditor:
         try:
             with torch.no_grad():
                 for k, c in enumerate(concepts):
-                    editor.embedding.vectors[k] = c.token_embedding.to(editor.embedding.vectors)
+                    for embedding, vector in zip(editor.embeddings, c.token_embeddings):
+                        embedding.vectors[k] = vector.to(embedding.vectors)
                     for name, (key, value) in editor.modules.items():
                         key.set_concept(k, c.i_star[name])
                         value.set_concept(k, c.i_star[name], c.o_star[name])
@@ -160,50 +171,55 @@ class PerfusionEditor:
         for part in ("unet", "text_encoder", "tokenizer"):
             if getattr(pipe, part, None) is None:
                 raise NullBoothError(f"expected a Stable Diffusion pipeline with a {part}, got none")
-        unet, text_encoder = pipe.unet, pipe.text_encoder
-        if wired_modules(unet) or isinstance(text_encoder.get_input_embeddings(), ConceptTokenEmbedding):
+        unet, encoders, toks = pipe.unet, text_encoders(pipe), tokenizers(pipe)
+        if wired_modules(unet) or any(isinstance(te.get_input_embeddings(), ConceptTokenEmbedding) for te in encoders):
             raise NullBoothError("this pipeline already has a Perfusion editor attached; detach it first")
-        text_dim = text_encoder.config.hidden_size
+        text_dim = text_width(pipe)
         cross_dim = {a.to_k.in_features for a in find_cross_attention_layers(unet).values()}
         if cross_dim != {text_dim}:
             raise NullBoothError(
                 f"the UNet's cross-attention reads width {sorted(cross_dim)}, "
-                f"the text encoder gives {text_dim}"
+                f"the text encoder{'s give' if len(encoders) > 1 else ' gives'} {text_dim}"
             )
         # validate every input before the first mutation
         unknown = sorted(set(layers or ()) - set(find_cross_attention_layers(unet)))
         if unknown:
             raise NullBoothError(f"unknown cross-attention layers {unknown[:3]}; see find_cross_attention_layers(pipe.unet)")
         for token, superclass in specs:
-            check_new_token(pipe.tokenizer, token)
-            superclass_token_ids(pipe.tokenizer, superclass)
+            for tok in toks:
+                check_new_token(tok, token)
+                superclass_token_ids(tok, superclass)
         if C is None:
             C = default_covariance(pipe)
         C_inv = inverse_covariance(C, dim=text_dim, eigenvalue_floor=eigenvalue_floor)
         Rank1EditModule(nn.Linear(text_dim, 1, bias=False), C_inv=C_inv, **module_kwargs)  # validates kwargs
 
+        parts = [part for part in _PARTS if getattr(pipe, part, None) is not None]
         undo: dict[str, Any] = {
-            "tokenizer": pipe.tokenizer, "embedding": text_encoder.get_input_embeddings(),
-            "vocab_size": text_encoder.config.vocab_size,
-            "requires_grad": {id(p): (p, p.requires_grad) for part in ("unet", "text_encoder", "vae")
-                              if getattr(pipe, part, None) is not None for p in getattr(pipe, part).parameters()},
+            "tokenizers": toks, "embeddings": [te.get_input_embeddings() for te in encoders],
+            "vocab_sizes": [te.config.vocab_size for te in encoders],
+            "requires_grad": {id(p): (p, p.requires_grad) for part in parts for p in getattr(pipe, part).parameters()},
         }
-        tokenizer = copy.deepcopy(pipe.tokenizer)
-        concepts = [add_concept_token_(tokenizer, text_encoder, tok, sup) for tok, sup in specs]
-        embedding = ConceptTokenEmbedding(text_encoder.get_input_embeddings(), [c.token_id for c in concepts])
-        text_encoder.set_input_embeddings(embedding)
-        pipe.tokenizer = tokenizer
-        context = PerfusionContext(concepts)
+        # each tokenizer its own copy (SDXL pipelines may share one object) and its own ids for the concepts
+        new_toks = [copy.deepcopy(tok) for tok in toks]
+        encoder_concepts = [[add_concept_token_(tok, te, token, sup) for token, sup in specs]
+                            for tok, te in zip(new_toks, encoders)]
+        embeddings = []
+        for te, concepts in zip(encoders, encoder_concepts):
+            embeddings.append(ConceptTokenEmbedding(te.get_input_embeddings(), [c.token_id for c in concepts]))
+            te.set_input_embeddings(embeddings[-1])
+        _set_tokenizers(pipe, new_toks)
+        context = PerfusionContext(encoder_concepts[0])
         modules = make_unet_rank1_edit_modules_(unet, C=None, C_inv=C_inv, layers=layers, context=context,
-                                                num_concepts=len(concepts), **module_kwargs)
-        context.install(text_encoder)
-        for part in ("unet", "text_encoder", "vae"):  # freeze everything (incl. the grown embedding) ...
-            if getattr(pipe, part, None) is not None:
-                getattr(pipe, part).requires_grad_(False)
-        embedding.vectors.requires_grad_(True)  # ... but the two trainable tensors
+                                                num_concepts=len(specs), **module_kwargs)
+        context.install(encoders, encoder_concepts)
+        for part in parts:  # freeze everything (incl. the grown embeddings) ...
+            getattr(pipe, part).requires_grad_(False)
+        for embedding in embeddings:  # ... but the two trainable tensors
+            embedding.vectors.requires_grad_(True)
         for _, value in modules.values():
             value.concept_outputs.requires_grad_(True)
-        return cls(pipe, concepts, context, modules, embedding, undo)
+        return cls(pipe, encoder_concepts, context, modules, embeddings, undo)
 
     # -- use --
     def _check(self) -> None:
@@ -215,14 +231,11 @@ class PerfusionEditor:
         """Set ``i*`` (mean concept encoding) and ``o*_V = W_V e_H`` (mean superclass encoding) of every concept."""
         self._check()
         templates = list(prompts) if prompts is not None else list(_INIT_TEMPLATES)
-        tok, te = self.pipe.tokenizer, self.pipe.text_encoder
-        device = module_device(te)
+        encoders = text_encoders(self.pipe)
         for k, concept in enumerate(self.concepts):
             texts = [t.format(concept.token) if "{}" in t else f"{t} {concept.token}" for t in templates]
-            ids = tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                      return_tensors="pt").input_ids.to(device)
             with self.ctx:
-                hidden = te(ids)[0]  # [b, n, d]
+                hidden = encode_ids(encoders, tokenize(self.pipe, texts)).hidden  # [b, n, d]: what attn2 reads
                 plan = self.ctx.plan(hidden)
             if plan is None or not bool(plan.active[:, k].all()):
                 raise NullBoothError(f"could not find the concept token {concept.token!r} in the initialisation prompts")
@@ -235,16 +248,18 @@ class PerfusionEditor:
 
     def trainable_parameters(self, value_lr: float = DEFAULT_VALUE_LR, embedding_lr: float = DEFAULT_EMBEDDING_LR,
                              weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """Optimizer param groups: every value module's ``o*_V`` and the concept token embedding(s).
+        """Optimizer param groups: every value module's ``o*_V`` and the concept token embedding(s) (of every
+        text encoder).
 
         Nothing else requires grad while attached (W, keys, the rest of the model are frozen). The
         default rates (o*_V 0.03, embedding 0.006) follow lucidrains' reading of the paper's two rates.
         """
         self._check()
         values = [v.concept_outputs for _, v in self.modules.values()]
+        vectors = [embedding.vectors for embedding in self.embeddings]  # SDXL: the token's row in both tables
         return [
             {"params": values, "lr": value_lr, "weight_decay": weight_decay, "name": "perfusion_values"},
-            {"params": [self.embedding.vectors], "lr": embedding_lr, "weight_decay": weight_decay, "name": "concept_embedding"},
+            {"params": vectors, "lr": embedding_lr, "weight_decay": weight_decay, "name": "concept_embedding"},
         ]
 
     @contextlib.contextmanager
@@ -265,10 +280,12 @@ class PerfusionEditor:
             o_star[name] = value.concept_outputs[k].detach().float().cpu()
             if not torch.allclose(key.ema_concept_text_encs[k].float().cpu(), i_star[name], rtol=1e-5, atol=1e-6):
                 warnings.warn(f"key and value i* differ in {name}; saving the value module's", stacklevel=2)
+        vectors = [embedding.vectors[k].detach().float().cpu() for embedding in self.embeddings]
         return PerfusionConcept(
-            self.concepts[k].token, self.concepts[k].superclass, self.embedding.vectors[k].detach().float().cpu(),
+            self.concepts[k].token, self.concepts[k].superclass, vectors[0],
             i_star, o_star, eval_beta=value0.eval_beta, eval_temperature=value0.eval_temperature,
             train_beta=value0.train_beta, train_temperature=value0.train_temperature, input_decay=value0.input_decay,
+            token_embedding_2=vectors[1] if len(vectors) > 1 else None,
         )
 
     def save(self, path: str | os.PathLike, concept: int | str = 0, *, dtype: torch.dtype = torch.float32) -> int:
@@ -286,16 +303,34 @@ class PerfusionEditor:
         return concept
 
     def detach(self) -> None:
-        """Exact undo: original nn.Linear objects, token embedding, vocab size, tokenizer and requires_grad flags."""
+        """Exact undo: original nn.Linear objects, token embeddings, vocab sizes, tokenizers and requires_grad flags."""
         if not self.attached:
             return
         pipe, undo = self.pipe, self._undo
         self.ctx.uninstall()
         remove_unet_rank1_edit_modules_(pipe.unet)
-        current = pipe.text_encoder.get_input_embeddings().weight  # follow any pipe.to(device/dtype) since attach
-        pipe.text_encoder.set_input_embeddings(undo["embedding"].to(device=current.device, dtype=current.dtype))
-        pipe.text_encoder.config.vocab_size = undo["vocab_size"]
-        pipe.tokenizer = undo["tokenizer"]
+        for te, embedding, vocab_size in zip(text_encoders(pipe), undo["embeddings"], undo["vocab_sizes"]):
+            current = te.get_input_embeddings().weight  # follow any pipe.to(device/dtype) since attach
+            te.set_input_embeddings(embedding.to(device=current.device, dtype=current.dtype))
+            te.config.vocab_size = vocab_size
+        _set_tokenizers(pipe, undo["tokenizers"])
         for p, flag in undo["requires_grad"].values():
             p.requires_grad_(flag)
         self.attached = False
+
+
+def _set_tokenizers(pipe: Any, toks: Sequence[Any]) -> None:
+    """Put ``toks`` in the pipeline's tokenizer slots, in :func:`nullbooth.conditioning.tokenizers` order."""
+    pipe.tokenizer = toks[0]
+    if len(toks) > 1:
+        pipe.tokenizer_2 = toks[1]
+
+
+def read_concepts(pipe: Any, paths: Sequence[str | os.PathLike]) -> list[PerfusionConcept]:
+    """The concept files at ``paths``, each checked against ``pipe`` (family, text widths, cross-attention layers)."""
+    concepts = [load_concept(p) for p in paths]
+    layer_widths = {n: a.to_v.out_features for n, a in find_cross_attention_layers(pipe.unet).items()}
+    embedding_widths = [int(te.config.hidden_size) for te in text_encoders(pipe)]
+    for p, c in zip(paths, concepts):
+        c.check_compatible(layer_widths, embedding_widths, source=str(p))
+    return concepts

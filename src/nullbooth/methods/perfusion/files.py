@@ -1,11 +1,15 @@
-"""Concept files: one trained concept's tensors (no model-sized weight, no ``C⁻¹``) as one safetensors file."""
+"""Concept files: one trained concept's tensors (no model-sized weight, no ``C⁻¹``) as one safetensors file.
+
+An SDXL concept also holds its token's row of the second text encoder's embedding table (``token_embedding_2``);
+its ``i*`` are as wide as both encoders' encodings side by side (768 + 1280 = 2048 on SDXL base). SD files are
+written exactly as before (format version 1); SDXL files are version 2, which an older nullbooth refuses cleanly.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from nullbooth import __version__
 from nullbooth.errors import NullBoothError
+from nullbooth.io import save_tensors
 
 __all__ = [
     "CONCEPT_FORMAT", "CONCEPT_FORMAT_VERSION", "SD15_ATTN2_VALUE_WIDTHS", "PerfusionConcept", "concept_file_bytes",
@@ -25,7 +30,7 @@ __all__ = [
 # Written into every file's metadata and checked on load: a format id, not a module path — changing it would
 # make every existing concept file unreadable.
 CONCEPT_FORMAT = "nullbooth.perfusion.concept"
-CONCEPT_FORMAT_VERSION = 1
+CONCEPT_FORMAT_VERSION = 2  # the newest this reads: 1 one text encoder, 2 two (SDXL)
 
 # SD 1.x/1.5 UNet: the 16 cross-attention layers and the output width of their to_v (= to_k).
 SD15_ATTN2_VALUE_WIDTHS: dict[str, int] = {
@@ -44,12 +49,13 @@ class PerfusionConcept:
     ``i_star`` and ``o_star`` map each cross-attention layer name to ``i*`` (``[text_dim]``) and the
     value output ``o*_V`` (``[layer width]``). Keys need no tensor: they are locked to the superclass
     per prompt. A layer's K and V modules read the same encodings, so they share one ``i*``. No
-    ``C⁻¹`` is stored: it belongs to the base model (:func:`default_covariance`).
+    ``C⁻¹`` is stored: it belongs to the base model (:func:`default_covariance`). ``token_embedding`` is the
+    concept token's input embedding in the (first) text encoder, ``token_embedding_2`` in SDXL's second one.
     """
 
     token: str
     superclass: str
-    token_embedding: Tensor  # [text_dim]
+    token_embedding: Tensor  # [d₁]
     i_star: dict[str, Tensor]
     o_star: dict[str, Tensor]
     eval_beta: float = 0.70
@@ -57,20 +63,43 @@ class PerfusionConcept:
     train_beta: float = 0.75
     train_temperature: float = 0.1
     input_decay: float = 0.99
+    token_embedding_2: Tensor | None = None  # [d₂], SDXL only
+
+    @property
+    def token_embeddings(self) -> list[Tensor]:
+        """The token's input embedding in each text encoder, in concatenation order."""
+        return [self.token_embedding] + ([] if self.token_embedding_2 is None else [self.token_embedding_2])
+
+    @property
+    def embedding_widths(self) -> tuple[int, ...]:
+        return tuple(int(t.shape[0]) for t in self.token_embeddings)
 
     @property
     def text_dim(self) -> int:
-        return int(self.token_embedding.shape[0])
+        """Width of ``i*``: the text encodings ``attn2`` reads (SDXL: both encoders' side by side)."""
+        return sum(self.embedding_widths)
 
     @property
     def layer_widths(self) -> dict[str, int]:
         return {n: int(t.shape[0]) for n, t in self.o_star.items()}
 
-    def check_compatible(self, layer_widths: Mapping[str, int], text_dim: int, *, source: str = "concept") -> None:
-        """Raise unless this concept fits a model with these cross-attention layers and text width."""
-        if text_dim != self.text_dim:
-            raise NullBoothError(f"{source} was trained for text width {self.text_dim}, this model's text encoder has {text_dim}; "
+    def check_compatible(self, layer_widths: Mapping[str, int], embedding_widths: Sequence[int], *,
+                         source: str = "concept") -> None:
+        """Raise unless this concept fits a model with these cross-attention layers and text encoders (their
+        embedding widths, in concatenation order)."""
+        ours = self.embedding_widths
+        if len(ours) != len(embedding_widths):
+            family = {1: "an SD 1.x/2.x pipeline (one text encoder)", 2: "an SDXL pipeline (two text encoders)"}
+            raise NullBoothError(f"{source}: expected {family.get(len(ours), f'{len(ours)} text encoders')}, got "
+                                 f"{family.get(len(embedding_widths), f'{len(embedding_widths)} text encoders')}; "
+                                 "load the concept onto the base model it was trained on")
+        if tuple(embedding_widths) != ours:
+            raise NullBoothError(f"{source} was trained for text width {self.text_dim} {list(ours)}, this model's text "
+                                 f"encoder(s) give {sum(embedding_widths)} {list(embedding_widths)}; "
                                  "load it onto the base model it was trained on")
+        self._check_layers(layer_widths, source)
+
+    def _check_layers(self, layer_widths: Mapping[str, int], source: str) -> None:
         ours, theirs = self.layer_widths, dict(layer_widths)
         if set(ours) != set(theirs):
             missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
@@ -86,11 +115,13 @@ class PerfusionConcept:
 
 def _concept_payload(concept: PerfusionConcept, dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, str]]:
     tensors = {"token_embedding": concept.token_embedding.detach().to("cpu", dtype).contiguous()}
+    if concept.token_embedding_2 is not None:
+        tensors["token_embedding_2"] = concept.token_embedding_2.detach().to("cpu", dtype).contiguous()
     for name in concept.o_star:
         tensors[f"i_star.{name}"] = concept.i_star[name].detach().to("cpu", dtype).contiguous()
         tensors[f"o_star.{name}"] = concept.o_star[name].detach().to("cpu", dtype).contiguous()
     metadata = {
-        "format": CONCEPT_FORMAT, "format_version": str(CONCEPT_FORMAT_VERSION), "nullbooth_version": __version__,
+        "format": CONCEPT_FORMAT, "format_version": str(len(concept.token_embeddings)), "nullbooth_version": __version__,
         "token": concept.token, "superclass": concept.superclass, "text_dim": str(concept.text_dim),
         "layers": json.dumps(list(concept.layer_widths.items())),
         "gate": json.dumps({"eval_beta": concept.eval_beta, "eval_temperature": concept.eval_temperature,
@@ -101,22 +132,14 @@ def _concept_payload(concept: PerfusionConcept, dtype: torch.dtype) -> tuple[dic
 
 
 def save_concept(path: str | os.PathLike, concept: PerfusionConcept, *, dtype: torch.dtype = torch.float32) -> int:
-    """Write ``concept`` as one safetensors file (tensors + JSON metadata, no C⁻¹); returns its size in bytes."""
+    """Write ``concept`` as one safetensors file (tensors + JSON metadata, no C⁻¹; atomic, and the same bytes for the
+    same concept: :func:`nullbooth.io.save_tensors`); returns its size in bytes."""
     if set(concept.i_star) != set(concept.o_star):
         raise NullBoothError("expected i* and o* for the same layers")
     tensors, metadata = _concept_payload(concept, dtype)
-    data = save(tensors, metadata=metadata)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return len(data)
+    save_tensors(path, tensors, metadata)
+    return path.stat().st_size
 
 
 def load_concept(path: str | os.PathLike) -> PerfusionConcept:
@@ -143,13 +166,16 @@ def load_concept(path: str | os.PathLike) -> PerfusionConcept:
     text_dim = int(meta["text_dim"])
     try:
         emb = tensors["token_embedding"].float()
+        emb_2 = tensors["token_embedding_2"].float() if "token_embedding_2" in tensors else None
         i_star = {n: tensors[f"i_star.{n}"].float() for n, _ in layers}
         o_star = {n: tensors[f"o_star.{n}"].float() for n, _ in layers}
     except KeyError as err:
         raise NullBoothError(f"{path} is missing tensor {err}; the file is incomplete") from None
-    if emb.shape != (text_dim,) or any(i_star[n].shape != (text_dim,) or o_star[n].shape != (w,) for n, w in layers):
+    concept = PerfusionConcept(meta["token"], meta["superclass"], emb, i_star, o_star, **gate, token_embedding_2=emb_2)
+    if (any(t.ndim != 1 for t in concept.token_embeddings) or concept.text_dim != text_dim
+            or any(i_star[n].shape != (text_dim,) or o_star[n].shape != (w,) for n, w in layers)):
         raise NullBoothError(f"{path} has tensors whose shapes disagree with its metadata; the file is corrupt")
-    return PerfusionConcept(meta["token"], meta["superclass"], emb, i_star, o_star, **gate)
+    return concept
 
 
 def concept_file_bytes(layer_widths: Mapping[str, int] | Sequence[int], text_dim: int,

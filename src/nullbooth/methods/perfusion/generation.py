@@ -17,7 +17,7 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import CONCEPT_FILE, PERFUSION_CONFIG
 from nullbooth.io import read_json
 from nullbooth.methods.perfusion.covariance import resolve_covariance
-from nullbooth.methods.perfusion.editor import PerfusionEditor
+from nullbooth.methods.perfusion.editor import PerfusionEditor, read_concepts
 from nullbooth.methods.perfusion.files import CONCEPT_FORMAT
 
 __all__ = [
@@ -92,6 +92,7 @@ def perfusion_generation(pipe, concept_paths: Sequence[str | Path], beta: float 
                                  f"written by `nullbooth train` with method: perfusion, e.g. {CONCEPT_FILE})")
     if tau is not None and tau <= 0:
         raise NullBoothError(f"expected a gate temperature tau > 0, got {tau}")
+    read_concepts(pipe, paths)  # a concept for the other family (SD / SDXL) is refused before C is computed
     runs = [r for r in (_training_record(p) for p in paths) if r is not None]
     known = [r["covariance"] for r in runs if r.get("covariance")]
     if len({r.get("sha256") for r in known}) > 1:

@@ -19,6 +19,10 @@ at latent resolution. With several ``subjects`` each one is its own concept (its
 ``superclass``, ``mask_dir``; :mod:`nullbooth.methods.perfusion.subjects`), all trained in one editor: an
 example's prompt is its subject's instance prompt, so it trains that concept only.
 
+SDXL (:mod:`nullbooth.conditioning`): the loop encodes through :meth:`Method.encode_prompt` with both text
+encoders; the concept token is in both tokenizers and both embedding tables (both rows trained at
+``embedding_lr``), and ``i*``, the key lock and ``C`` live in the concatenated encoding ``attn2`` reads.
+
 Output (``output_dir``): ``perfusion_concept.safetensors`` (the per-concept tensors only, ≈107 KB for
 SD 1.5 in float32) -- with several subjects ``perfusion_concept_<i>.safetensors`` per subject -- and
 ``perfusion_config.json`` (method, base model, token(s), superclass(es), gate, rates, the covariance ``C`` it
@@ -37,8 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nullbooth.conditioning import tokenize
 from nullbooth.config import Config, PerfusionBlock
-from nullbooth.dataset import tokenize
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import CONCEPT_FILE, PERFUSION_CONFIG
 from nullbooth.io import write_json
@@ -129,14 +133,19 @@ class Perfusion(Method):
         values = {n: v for n, (_, v) in self.editor.modules.items()}
         self._start = {"o_star": {n: v.concept_outputs.detach().clone() for n, v in values.items()},  # [K, o]
                        "i_star": {n: v.ema_concept_text_encs.detach().clone() for n, v in values.items()},  # [K, i]
-                       "embedding": self.editor.embedding.vectors.detach().clone()}  # [K, d]
+                       "embedding": self._embedding_vectors().detach().clone()}  # [K, Σ d_e]
         return self.editor.trainable_parameters(self.lr, self.embedding_lr, b.weight_decay)
 
+    def _embedding_vectors(self) -> torch.Tensor:
+        """Every concept's trained input embedding, the text encoders' side by side: ``[K, Σ d_e]``."""
+        return torch.cat([embedding.vectors for embedding in self.editor.embeddings], dim=-1)
+
     def _check_prompts(self, pipe) -> None:
-        """Each subject's instance prompt must tokenize to its concept token (else nothing trains it)."""
-        for spec, concept in zip(self.specs, self.editor.concepts):
-            ids = tokenize(pipe.tokenizer, [spec.instance_prompt])[0]  # [77]
-            if not bool((ids == concept.token_id).any()):
+        """Each subject's instance prompt must tokenize to its concept token (else nothing trains it), in every
+        tokenizer."""
+        for k, (spec, concept) in enumerate(zip(self.specs, self.editor.concepts)):
+            ids = tokenize(pipe, [spec.instance_prompt])[:, 0]  # [E, 77]
+            if not all(bool((ids_e == cs[k].token_id).any()) for ids_e, cs in zip(ids, self.editor.encoder_concepts)):
                 self.editor.detach()
                 raise NullBoothError(
                     f"{spec.field('instance_prompt')}: {spec.instance_prompt!r} does not tokenize to the concept "
@@ -163,7 +172,8 @@ class Perfusion(Method):
     # -- checkpoints, report, output
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors plus every module's ``i*`` EMA and its initialised flag (exact resume)."""
+        """The trainable tensors (SDXL: both encoders' concept embeddings) plus every module's ``i*`` EMA and its
+        initialised flag (exact resume)."""
         state = super().checkpoint_state()
         for name, (key, value) in self.editor.modules.items():
             for proj, module in (("to_k", key), ("to_v", value)):
@@ -184,7 +194,7 @@ class Perfusion(Method):
                 "o_star_change_rel": _rel(value.concept_outputs[k], self._start["o_star"][name][k]),
                 "i_star_change_rel": _rel(value.ema_concept_text_encs[k], self._start["i_star"][name][k]),
             }
-        out["embedding_change_rel"] = _rel(self.editor.embedding.vectors[k], self._start["embedding"][k])
+        out["embedding_change_rel"] = _rel(self._embedding_vectors()[k], self._start["embedding"][k])
         return out
 
     def changes(self) -> dict[str, Any]:
