@@ -33,8 +33,8 @@ from conftest import subject_images
 from PIL import Image
 from safetensors.torch import load_file
 
+from nullbooth import conditioning
 from nullbooth.config import config_from_dict, load_config
-from nullbooth.dataset import tokenize
 from nullbooth.errors import NullBoothError
 from nullbooth.methods.perfusion.compat import calculate_input_covariance
 from nullbooth.methods.perfusion.editor import _INIT_TEMPLATES, PerfusionEditor
@@ -131,7 +131,7 @@ def trained2(world):
 @torch.no_grad()
 def unet_eps(pipe, prompts: list[str], t: int = 500, seed: int = 0) -> torch.Tensor:
     """The UNet's noise prediction for fixed latents and timestep: ``[len(prompts), 4, 8, 8]``."""
-    enc = pipe.text_encoder(tokenize(pipe.tokenizer, prompts))[0]  # [b, 77, d]
+    enc = pipe.text_encoder(conditioning.tokenize(pipe, prompts)[0])[0]  # [b, 77, d]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(prompts), pipe.unet.config.in_channels, RES // 2, RES // 2, generator=g)
     return pipe.unet(x, torch.full((len(prompts),), t), enc).sample
@@ -146,7 +146,7 @@ def sampled_latents(pipe, prompt: str) -> torch.Tensor:
 
 def superclass_encoding(pipe, prompt: str, word: str) -> torch.Tensor:
     """The base text encoder's encoding of ``prompt`` at the position of ``word``'s last token: ``[d]``."""
-    ids = tokenize(pipe.tokenizer, [prompt])
+    ids = conditioning.tokenize(pipe, [prompt])[0]
     last = pipe.tokenizer(word, add_special_tokens=False).input_ids[-1]
     pos = int((ids[0] == last).nonzero()[0])
     with torch.no_grad():
@@ -267,7 +267,7 @@ def test_multi_token_superclass_locks_keys_to_its_last_token(trained2, base_pipe
     pipe = trained2["pipe"]
     info = json.loads((trained2["out"] / PERFUSION_CONFIG).read_text())
     assert info["superclass"] == SUPER2 and len(info["superclass_ids"]) == 2
-    ids = tokenize(pipe.tokenizer, [f"a photo of {TOKEN2}"])
+    ids = conditioning.tokenize(pipe, [f"a photo of {TOKEN2}"])[0]
     pos = int((ids[0] == info["token_id"]).nonzero()[0])
     e_h = superclass_encoding(base_pipe, f"a photo of {SUPER2}", SUPER2).float()  # [d]
     with torch.no_grad():

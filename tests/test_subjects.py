@@ -33,7 +33,6 @@ from nullbooth import conditioning
 from nullbooth.cli import main
 from nullbooth.conditioning import text_encoders
 from nullbooth.config import config_from_dict
-from nullbooth.dataset import tokenize
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import MODEL_CARD, PERFUSION_CONFIG
 from nullbooth.methods.perfusion.compat import calculate_input_covariance
@@ -83,7 +82,7 @@ def perfusion_cfg(world, out: str, subject_list: list[dict] | None = None, **top
 
 @torch.no_grad()
 def unet_eps(pipe, prompts: list[str], t: int = 500) -> torch.Tensor:
-    enc = pipe.text_encoder(tokenize(pipe.tokenizer, prompts))[0]  # [b, 77, d]
+    enc = pipe.text_encoder(conditioning.tokenize(pipe, prompts)[0])[0]  # [b, 77, d]
     x = torch.randn(len(prompts), 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
     return pipe.unet(x, torch.full((len(prompts),), t), enc).sample
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 import nullbooth.training.loop as loop_module
 from nullbooth.conditioning import Encoded
-from nullbooth.config import config_from_dict
+from nullbooth.config import check_training, config_from_dict
 from nullbooth.dataset import (
     Augmentation,
     Example,
@@ -225,6 +225,16 @@ def test_class_images_under_bf16_autocast_differ_slightly_and_fp16_needs_cuda(tm
     with pytest.raises(NullBoothError, match=r"^prior_generation_precision: fp16 needs a CUDA device[^\n]*$"):
         train(cfg, pipe=load_pipeline("tiny-sd"), progress=False)
     assert not (tmp_path / "fp16" / "class_images").exists()  # refused before generating anything
+
+
+def test_precomputed_embeddings_are_refused_where_an_encoder_trains(tmp_path):
+    instance = halves(tmp_path / "instance")
+    for extra, what in (({"train_text_encoder": True}, "train_text_encoder trains the text encoder"),
+                        ({"method": "perfusion"}, "method perfusion trains its concept token's embedding")):
+        cfg = make_cfg(tmp_path, "pre", instance, pre_compute_text_embeddings=True, **extra)
+        with pytest.raises(NullBoothError, match=f"pre_compute_text_embeddings: {what}, so its encodings cannot"):
+            check_training(cfg)
+    check_training(make_cfg(tmp_path, "pre", instance, pre_compute_text_embeddings=True))  # a frozen encoder: fine
 
 
 def test_precomputed_text_embeddings_move_the_encoder_off_the_device(tmp_path, monkeypatch):

@@ -319,8 +319,3 @@ def batch_indices(n: int, batch_size: int, micro_step: int, rank: int, world: in
     first = (micro_step * world + rank) * batch_size
     return stream_indices(n, range(first, first + batch_size), seed)
 
-
-def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """``[N, model_max_length]`` token ids, padded and truncated the way the pipelines do."""
-    return tokenizer(list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids

@@ -240,9 +240,11 @@ def _option_problems(cfg: Config) -> list[str]:
     if cfg.train_text_encoder and cfg.method == "perfusion":
         problems.append("train_text_encoder: Perfusion trains only its concept token's embedding — its keys are "
                         "locked to the frozen encoder's superclass encoding; turn train_text_encoder off")
-    if cfg.train_text_encoder and cfg.pre_compute_text_embeddings:
-        problems.append("pre_compute_text_embeddings: a trained text encoder cannot have its embeddings computed "
-                        "once; turn one of pre_compute_text_embeddings and train_text_encoder off")
+    if cfg.pre_compute_text_embeddings and (cfg.train_text_encoder or cfg.method == "perfusion"):
+        what = "train_text_encoder trains the text encoder" if cfg.train_text_encoder else \
+            "method perfusion trains its concept token's embedding"
+        problems.append(f"pre_compute_text_embeddings: {what}, so its encodings cannot be computed once; turn "
+                        "pre_compute_text_embeddings off")
     if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
         problems.append("text_encoder_lr: is only used with train_text_encoder: true; set it or remove text_encoder_lr")
     for key, default in (("lora_dropout", 0.0), ("use_dora", False)):

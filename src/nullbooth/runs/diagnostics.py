@@ -35,7 +35,7 @@ from nullbooth.runs.layout import (
 )
 from nullbooth.runs.shards import checkpoint_shards, read_checkpoints
 from nullbooth.stats.capture import cross_attention_layers
-from nullbooth.stats.compress import matrix_files
+from nullbooth.stats.compress import all_matrix_files
 from nullbooth.stats.nullspace import (
     eigenvalues,
     empty_fix,
@@ -192,7 +192,7 @@ def _check_matrix(run_dir: Path, t: int, layer: dict[str, Any], feature: str,
     """
     where = f"{timestep_dirname(t)}/{layer_dirname(layer['name'])}/{feature}"
     folder = run_dir / timestep_dirname(t) / layer_dirname(layer["name"])
-    names = sorted({*matrix_files(feature, "float32"), *matrix_files(feature, "eigh")})
+    names = all_matrix_files(feature)
     inodes = tuple((st.st_dev, st.st_ino) for st in (_stat(folder / n) for n in names) if st is not None)
     facts = seen.get(inodes) if inodes else None
     try:
@@ -273,7 +273,7 @@ def _stored_eigenvalues(folder: Path, feature: str, meta: dict[str, Any], d: int
             or (meta.get("storage") or {}).get("mode") == "eigh":
         return None
     present = {name[len(feature) + 1:]: folder / name
-               for name in {*matrix_files(feature, "float32"), *matrix_files(feature, "eigh")} if (folder / name).exists()}
+               for name in all_matrix_files(feature) if (folder / name).exists()}
     if set(present) != set(crcs) or any(file_crc32(path) != crcs[n] for n, path in present.items()):
         return None
     try:

@@ -50,7 +50,7 @@ from nullbooth.filenames import (
 )
 from nullbooth.io import load_npy, load_tensors, read_json, save_tensors, write_text
 from nullbooth.stats.compress import clean_projector, read_matrix
-from nullbooth.stats.moments import SecondMoment
+from nullbooth.stats.moments import PackedSecondMoment, SecondMoment
 from nullbooth.stats.nullspace import eigh_batched
 
 RUN_FORMAT = "nullbooth-run"
@@ -137,8 +137,10 @@ def stat_key(layer: str, feature: str) -> str:
     return f"{layer}/{feature}"
 
 
-def save_statistics(path: Path, stats: Mapping[str, SecondMoment], metadata: Mapping[str, str] | None = None) -> None:
-    """Float64 sums and counts of named statistics in one safetensors file (exact merges)."""
+def save_statistics(path: Path, stats: Mapping[str, SecondMoment | PackedSecondMoment],
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Float64 sums and counts of named statistics in one safetensors file (exact merges); a packed statistic is
+    stored as its upper triangle (``name::packed``)."""
     tensors: dict[str, torch.Tensor] = {}
     for key, stat in stats.items():
         for part, value in stat.state_dict().items():
@@ -146,7 +148,9 @@ def save_statistics(path: Path, stats: Mapping[str, SecondMoment], metadata: Map
     save_tensors(path, tensors, metadata)
 
 
-def load_statistics(path: Path) -> tuple[dict[str, SecondMoment], dict[str, str]]:
+def load_statistics(path: Path, *, keep_packed: bool = False,
+                    ) -> tuple[dict[str, SecondMoment | PackedSecondMoment], dict[str, str]]:
+    """The named statistics of a :func:`save_statistics` file; triangles are unpacked unless ``keep_packed``."""
     tensors, metadata = load_tensors(path, "a statistics file")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
@@ -155,7 +159,8 @@ def load_statistics(path: Path) -> tuple[dict[str, SecondMoment], dict[str, str]
             raise NullBoothError(f"{path} holds tensor {name!r}, which is not a nullbooth statistic; foreign file?")
         grouped.setdefault(key, {})[part] = value
     try:
-        return {key: SecondMoment.from_state_dict(parts) for key, parts in grouped.items()}, metadata
+        return {key: PackedSecondMoment.from_state_dict(parts) if keep_packed and "packed" in parts
+                else SecondMoment.from_state_dict(parts) for key, parts in grouped.items()}, metadata
     except (KeyError, NullBoothError) as err:
         raise NullBoothError(f"{path} holds a statistic that is not a float64 sum and count ({err}); the file is "
                              "corrupt or foreign") from None

@@ -25,12 +25,11 @@ import torch
 
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import COLLECT_CHECKPOINT
-from nullbooth.io import load_tensors, save_tensors
 from nullbooth.runs.accumulate import AccumulatorPlan, Accumulators
 from nullbooth.runs.distributed import Dist
+from nullbooth.runs.layout import load_statistics, save_statistics
 from nullbooth.runs.plan import Plan
 from nullbooth.stats.capture import CrossAttentionLayer
-from nullbooth.stats.moments import PackedSecondMoment, SecondMoment
 
 
 @dataclass
@@ -88,8 +87,7 @@ def save_checkpoint(run_dir: Path, acc: Accumulators, progress: ShardProgress, p
     (``text::sum``): half the bytes of full matrices; :meth:`SecondMoment.from_state_dict` reads either.
     """
     name = progress.checkpoint_name()
-    tensors = {f"{key}::{part}": value for key, stat in acc.state().items() for part, value in stat.state_dict().items()}
-    save_tensors(run_dir / name, tensors, {
+    save_statistics(run_dir / name, acc.state(), {
         "key": plan.job_key, "batches_done": str(progress.batches_done), "shapes": json.dumps(acc.shapes),
         "n_shards": str(plan.n_shards), "batch_size": str(plan.batch_size),
         "shards": json.dumps({str(s): d for s, d in sorted(progress.done.items())}),
@@ -99,20 +97,11 @@ def save_checkpoint(run_dir: Path, acc: Accumulators, progress: ShardProgress, p
 
 def load_checkpoint(path: Path, acc: Accumulators, job_key: str) -> None:
     """Add a checkpoint's sums into ``acc`` (one file per call; shards of several files add up)."""
-    tensors, meta = load_tensors(path, "a collection checkpoint")
+    stats, meta = load_statistics(path, keep_packed=True)
     if meta.get("key") != job_key:
         raise NullBoothError(f"{path} belongs to a different configuration; refusing to reuse it")
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        key, _, part = name.rpartition("::")
-        grouped.setdefault(key, {})[part] = value
-    try:
-        for key, parts in grouped.items():
-            packed = "packed" in parts
-            acc.put(key, PackedSecondMoment.from_state_dict(parts) if packed else SecondMoment.from_state_dict(parts))
-    except (KeyError, NullBoothError) as err:
-        raise NullBoothError(f"{path} holds a statistic that is not a float64 sum and count ({err}); delete it to "
-                             "start those shards over") from None
+    for key, stat in stats.items():
+        acc.put(key, stat)
     acc.shapes.update(json.loads(meta["shapes"]))
 
 

@@ -49,7 +49,7 @@ from nullbooth.runs.layout import (
     write_run_prompts,
 )
 from nullbooth.runs.plan import Plan
-from nullbooth.stats.compress import matrix_files, write_matrix
+from nullbooth.stats.compress import all_matrix_files, matrix_files, write_matrix
 from nullbooth.stats.moments import SecondMoment
 from nullbooth.stats.nullspace import BATCH_BYTES, Spectrum, eigh_batched, spectra
 
@@ -144,7 +144,7 @@ def _write_matrix(folder: Path, feature: str, stat: SecondMoment, shape: list[in
     metadata = _metadata(shape, stat, lam, null_dim, settings, storage, extra)
     # Keyed by the name after the feature, so the k files' CRCs also describe their hard links under v.
     metadata["file_crc32"] = {name[len(feature) + 1:]: file_crc32(folder / name)
-                              for name in {*matrix_files(feature, "float32"), *matrix_files(feature, "eigh")}
+                              for name in all_matrix_files(feature)
                               if (folder / name).exists()}
     write_json(folder / f"{feature}_metadata.json", {**metadata, "feature": feature})
     return metadata
@@ -221,7 +221,7 @@ def write_run(run_dir: Path, *, layers: Sequence[str], features: Sequence[str], 
                     text_source = (folder, feature)
                 elif (folder, feature) != text_source:
                     source_folder, source_feature = text_source
-                    for name in {*matrix_files(feature, "float32"), *matrix_files(feature, "eigh")}:
+                    for name in all_matrix_files(feature):
                         (folder / name).unlink(missing_ok=True)
                     for name in matrix_files(source_feature, text_meta.get("storage", {}).get("mode", settings.storage)):
                         if (source_folder / name).exists():

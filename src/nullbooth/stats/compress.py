@@ -47,6 +47,11 @@ def matrix_files(feature: str, storage: str) -> tuple[str, ...]:
     return (f"{feature}_covariance.npy", f"{feature}_projection.npy")
 
 
+def all_matrix_files(feature: str) -> tuple[str, ...]:
+    """Every file name one matrix of ``feature`` may occupy in a layer folder, whatever its storage mode."""
+    return tuple(sorted({name for storage in STORAGE_MODES for name in matrix_files(feature, storage)}))
+
+
 def energy_rank(eigenvalues: torch.Tensor, energy: float) -> int:
     """Smallest ``k`` whose top-``k`` eigenvalues (of an ascending, clamped spectrum) hold ``energy`` of ``Σλ``."""
     lam = eigenvalues.to(torch.float64)
@@ -74,7 +79,7 @@ def write_matrix(folder: Path, feature: str, C: torch.Tensor, *, mode: str, thre
     U = V[:, :k_null]  # [d, k_null] null-space basis
     if storage not in STORAGE_MODES:
         raise NullBoothError(f"nullbooth.storage: expected one of {list(STORAGE_MODES)}, got {storage!r}")
-    for name in {*matrix_files(feature, "float32"), *matrix_files(feature, "eigh")}:
+    for name in all_matrix_files(feature):
         (folder / name).unlink(missing_ok=True)  # rewriting a folder in another mode leaves no stale file behind
     if storage == "float16" and float(C.abs().max()) * (1 + 2 ** -10) >= FLOAT16_MAX:
         storage_used, why = "float32", f"max |C| = {float(C.abs().max()):.4g} overflows float16"

@@ -63,7 +63,7 @@ def train(cfg: Config, *, pipe=None, accelerator=None, progress: bool = True,
     """
     # -- set-up: data, method, optimizer; the checkpoint to resume from; output_dir's lock
     ts = setup(cfg, pipe=pipe, accelerator=accelerator, progress=progress)
-    cfg = ts.cfg if ts.cfg is not None else cfg  # as trained: max_train_steps resolved from num_train_epochs
+    cfg = ts.cfg  # as trained: max_train_steps resolved from num_train_epochs
     with ts.lock or nullcontext():  # output_dir stays this process's until its result is written
         with tf32(cfg.allow_tf32):  # the flags are restored after the loop
             losses, step_seconds, seconds = loop(ts, cfg, progress, on_step)

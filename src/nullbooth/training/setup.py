@@ -116,6 +116,7 @@ class Examples:
 class Setup:
     """What :func:`setup` hands the loop."""
 
+    cfg: Config  # the config as trained: max_train_steps resolved from num_train_epochs
     accelerator: Accelerator
     pipe: Any  # the diffusers pipeline on the device, its UNet changed by the method
     method: Method
@@ -133,7 +134,6 @@ class Setup:
     resolution: int
     resume_dir: Path | None
     lock: FolderLock | None = None  # output_dir's, held by the main process while it trains
-    cfg: Config | None = None  # the config as trained: max_train_steps resolved from num_train_epochs
 
 
 def setup(cfg: Config, *, pipe=None, accelerator: Accelerator | None = None, progress: bool = True) -> Setup:
@@ -172,7 +172,8 @@ def _setup(cfg: Config, pipe, accelerator: Accelerator, lock: FolderLock | None,
     resolution = check_size(pipe, cfg.resolution)  # a multiple of the VAE's scale, at most 4× the native size
     method = make_method(cfg)
     method.check(pipe)
-    check_data_options(cfg, method, accelerator.device)  # before the statistics and class images are made
+    if cfg.with_prior_preservation:
+        generation_dtype(cfg, accelerator.device)  # fp16 class images need CUDA: refused before any is made
     instance = instance_examples(cfg, resolution)  # every subject's, each with its own prompt
 
     # -- everything the base model must see before the method changes it
@@ -272,15 +273,6 @@ def earlier_results(output_dir: Path, logging_dir: str = "logs") -> list[Path]:
     inside = logs != output_dir.resolve() and logs.is_relative_to(output_dir.resolve())
     extras = [output_dir / VALIDATION_DIR] + ([output_dir / logging_dir] if inside else [])
     return results + checkpoints + half_written + [p for p in extras if p.is_dir()]
-
-
-def check_data_options(cfg: Config, method: Method, device: torch.device) -> None:
-    """Refuse the data options this run cannot honour, before anything is collected or generated."""
-    if cfg.with_prior_preservation:
-        generation_dtype(cfg, device)  # fp16 class images need CUDA
-    if cfg.pre_compute_text_embeddings and method.trains_text_encoder:
-        raise NullBoothError(f"pre_compute_text_embeddings: method {method.name} trains part of the text encoder, so "
-                             "its encodings cannot be computed once; turn pre_compute_text_embeddings off")
 
 
 def encode_examples(method: Method, pipe, examples: list[Example], resolution: int) -> Examples:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nullbooth.conditioning import encode_ids, text_encoders, tokenize, tokenizers
+from nullbooth.conditioning import encode_ids, encoder_names, text_encoders, tokenize, tokenizers
 from nullbooth.errors import NullBoothError
 from nullbooth.methods.perfusion.concept import (
     ConceptToken,
@@ -49,9 +49,6 @@ __all__ = ["DEFAULT_EMBEDDING_LR", "DEFAULT_VALUE_LR", "PerfusionEditor", "read_
 # rate than o*_V; these values follow lucidrains' reading of it ("0.006 vs 0.03").
 DEFAULT_VALUE_LR = 0.03
 DEFAULT_EMBEDDING_LR = 0.006
-
-# The pipeline parts an editor freezes (and restores the requires_grad flags of); absent ones are skipped.
-_PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 
 # Prompts used to initialise i* and o*_V when a concept is attached (the mean over them).
 _INIT_TEMPLATES = (
@@ -194,7 +191,7 @@ class PerfusionEditor:
         C_inv = inverse_covariance(C, dim=text_dim, eigenvalue_floor=eigenvalue_floor)
         Rank1EditModule(nn.Linear(text_dim, 1, bias=False), C_inv=C_inv, **module_kwargs)  # validates kwargs
 
-        parts = [part for part in _PARTS if getattr(pipe, part, None) is not None]
+        parts = ["unet", *encoder_names(pipe), "vae"]  # what the editor freezes and restores the flags of
         undo: dict[str, Any] = {
             "tokenizers": toks, "embeddings": [te.get_input_embeddings() for te in encoders],
             "vocab_sizes": [te.config.vocab_size for te in encoders],
