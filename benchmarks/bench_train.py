@@ -1,4 +1,4 @@
-"""Training cost and preservation of nullbooth vs lora vs dreambooth on the same model, data and batch.
+"""Training cost and preservation of nullbooth vs lora vs attn2_finetune on the same model, data and batch.
 
 Every method runs the real ``nullbooth.training.loop.train`` in its own fresh process (so peak memory is its
 own), in interleaved rounds (n, l, d / l, d, n / …) so that load on the machine hits all methods alike.
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("nullbooth", "lora", "dreambooth")
+METHODS = ("nullbooth", "lora", "attn2_finetune")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -49,7 +49,7 @@ def write_inputs(folder: Path, n_prior: int, n_heldout: int, n_instance: int) ->
     inst = folder / "instance"
     inst.mkdir(parents=True, exist_ok=True)
     try:
-        from nullbooth.world import scenes as world
+        from nullbooth.world import subjects as world
 
         images = world.subject_instances(n_instance)
         prior = world.prior_prompts(n_prior, seed=0)
@@ -270,7 +270,7 @@ def g(x: float | None) -> str:
 def markdown(result: dict) -> str:
     env, s = result["environment"], result["summary"]
     lines = [
-        "# Training benchmark: nullbooth vs lora vs dreambooth", "",
+        "# Training benchmark: nullbooth vs lora vs attn2_finetune", "",
         f"`python benchmarks/bench_train.py {result['command']}` — {env['device']}, torch {env['torch']}, "
         f"{env['threads']} thread(s), model `{result['settings']['model']}`, {result['settings']['resolution']} px, "
         f"batch {result['settings']['batch']}, {result['settings']['steps']} steps × {result['settings']['rounds']} "
@@ -295,14 +295,14 @@ def markdown(result: dict) -> str:
         f"**nullbooth / lora step time: {s['interleaved_nullbooth_over_lora']:.3f} interleaved** (target ≤ 1.15: "
         f"{'met' if s['interleaved_nullbooth_over_lora'] <= 1.15 else 'NOT met'}), "
         f"{s['nullbooth_over_lora']:.3f} end to end (median of rounds); "
-        f"dreambooth / lora: {s['interleaved_dreambooth_over_lora']:.3f} interleaved, {s['dreambooth_over_lora']:.3f} end "
+        f"attn2_finetune / lora: {s['interleaved_attn2_finetune_over_lora']:.3f} interleaved, {s['attn2_finetune_over_lora']:.3f} end "
         f"to end. Per-round end-to-end ratios nullbooth/lora: "
         f"{', '.join(f'{x:.3f}' for x in s['per_round_nullbooth_over_lora'])} (separate processes: sensitive to the "
         f"load of the machine, {result['environment']['load_average_at_end'][0]:.1f} at the end of this run).", "",
         f"Held-out leakage at equal steps (max over weights): nullbooth {g(s['leak_heldout_max']['nullbooth'])}, "
-        f"lora {g(s['leak_heldout_max']['lora'])}, dreambooth {g(s['leak_heldout_max']['dreambooth'])}. Each method "
+        f"lora {g(s['leak_heldout_max']['lora'])}, attn2_finetune {g(s['leak_heldout_max']['attn2_finetune'])}. Each method "
         "uses its default learning rate, so the leakage of lora (larger lr, other parametrisation) is not a like-for-like "
-        "figure; nullbooth vs dreambooth is (same weights, same lr).", "",
+        "figure; nullbooth vs attn2_finetune is (same weights, same lr).", "",
         f"Statistics run shared by all methods: collected once in {result['collect_seconds']:.1f} s "
         f"({result['settings']['prior_prompts']} prompts × {result['settings']['collect_steps']} steps).",
     ]
@@ -376,9 +376,9 @@ def main() -> None:
         "interleaved": {m: {"median_s": statistics.median(v), "steps": len(v)} for m, v in interleaved.items()},
         "summary": {
             "interleaved_nullbooth_over_lora": statistics.median(interleaved["nullbooth"]) / statistics.median(interleaved["lora"]),
-            "interleaved_dreambooth_over_lora": statistics.median(interleaved["dreambooth"]) / statistics.median(interleaved["lora"]),
+            "interleaved_attn2_finetune_over_lora": statistics.median(interleaved["attn2_finetune"]) / statistics.median(interleaved["lora"]),
             "nullbooth_over_lora": methods["nullbooth"]["step_time"] / methods["lora"]["step_time"],
-            "dreambooth_over_lora": methods["dreambooth"]["step_time"] / methods["lora"]["step_time"],
+            "attn2_finetune_over_lora": methods["attn2_finetune"]["step_time"] / methods["lora"]["step_time"],
             "per_round_nullbooth_over_lora": per_round,
             "leak_heldout_max": {m: methods[m]["leak_heldout"]["max"] for m in METHODS},
             "leak_preserved_max": {m: methods[m]["leak_preserved"]["max"] for m in METHODS},

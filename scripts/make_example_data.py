@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nullbooth.world.scenes import subject_instances, write_prompt_lists
+from nullbooth.world.subjects import subject_instances, write_prompt_lists
 
 
 def main() -> None:

@@ -92,18 +92,29 @@ def test_flags_equal_the_yaml(tmp_path):
     """A handful of kinds, as flags and as a file: bool on/off, float, int, list, text, a dotted block key, subjects."""
     data = {"with_prior_preservation": True, "center_crop": False, "learning_rate": 2e-4, "max_train_steps": 7,
             "snr_gamma": 5.0, "resolution": None, "mixed_precision": "no", "method": "lora", "lora_rank": 8,
+            "lora_targets": "attn2",
             "nullbooth": {"cross_attention_layers": [0, 2], "leakage_budget": 0.1},
             "perfusion": {"concept_token": "<x>", "eigenvalue_floor": "auto"}, "generate": {"seeds": [3, 4]}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     argv = ["--with_prior_preservation", "--no-center_crop", "--learning_rate", "2e-4", "--max_train_steps", "7",
             "--snr_gamma", "5", "--resolution", "null", "--mixed_precision", "no", "--method", "lora", "--rank", "8",
-            "--nullbooth.cross_attention_layers", "[0,2]", "--nullbooth.leakage_budget", "0.1",
+            "--lora_targets", "attn2", "--nullbooth.cross_attention_layers", "[0,2]", "--nullbooth.leakage_budget", "0.1",
             "--perfusion.concept_token", "<x>", "--perfusion.eigenvalue_floor", "auto", "--generate.seeds", "[3, 4]"]
     flags, file = from_flags(argv), load_config(path)
     assert flags.model_dump() == file.model_dump() != Config().model_dump()
     assert flags.lora_rank == 8 and flags.nullbooth.cross_attention_layers == [0, 2] and flags.generate.seeds == [3, 4]
     assert flags.mixed_precision == "no" and flags.snr_gamma == 5.0 and flags.resolution is None
+    assert flags.lora_targets == "attn2"
+
+
+def test_baseline_flags_reach_their_keys_and_a_bad_value_is_one_line():
+    cfg = from_flags(["--method", "oft", "--oft_block_size", "16"])
+    assert (cfg.method, cfg.oft_block_size, cfg.lora_targets) == ("oft", 16, "attention")
+    assert from_flags(["--method", "attn2_finetune"]).method == "attn2_finetune"
+    with pytest.raises(NullBoothError, match=r"^flags: 1 problem\(s\): lora_targets: Input should be 'attention' or "
+                                             r"'attn2' \(got 'attn3'\)$"):
+        from_flags(["--method", "lora", "--lora_targets", "attn3"])
 
 
 def test_subjects_as_yaml_flag(tmp_path):

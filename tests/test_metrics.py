@@ -12,15 +12,18 @@ from PIL import Image
 from nullbooth.errors import NullBoothError
 from nullbooth.eval.metrics import (
     attribute_jsd,
+    colour_kernel,
     coverage,
     distribution_metrics,
     frechet_distance,
     frechet_distance_from_moments,
+    identity_similarity,
     jsd,
     mmd2,
     one_nn_accuracy,
     paired_image_distance,
     prdc,
+    random_colour_hit_rate,
     subject_fidelity,
 )
 
@@ -196,6 +199,27 @@ def test_subject_fidelity():
         subject_fidelity(np.zeros((1, 2)), r)
     with pytest.raises(NullBoothError, match="at least 1 samples in generated"):
         subject_fidelity(np.zeros((0, 2)), r)
+
+
+def test_identity_similarity_is_the_mean_soft_match():
+    # k(d) = 2^{-(d/τ)²}: 1, ½, 1/16 at 0, τ, 2τ (exact in binary floating point).
+    np.testing.assert_array_equal(colour_kernel([0.0, 40.0, 80.0], 40.0), [1.0, 0.5, 0.0625])
+    got = identity_similarity([1.0, 0.5], [1.0, 1.0], [0.0, 40.0], [40.0, 0.0], 40.0)
+    assert got == pytest.approx((1 * 1 * 1 * 0.5 + 0.5 * 1 * 0.5 * 1) / 2, abs=1e-15)
+    solid = identity_similarity([1.0], [1.0], [40.0], None, 40.0)  # no pattern-colour factor
+    assert solid == pytest.approx(0.5, abs=1e-15)
+    with pytest.raises(NullBoothError, match="tolerance must be > 0"):
+        colour_kernel([1.0], 0.0)
+    with pytest.raises(NullBoothError, match="at least 1 sample"):
+        identity_similarity([], [], [], None, 40.0)
+
+
+def test_random_colour_hit_rate_matches_the_ball_volume():
+    # Far from the cube's faces P(‖a − b‖ ≤ t) → (4/3)πt³/256³; faces only lower it. 200 000 pairs: σ ≈ 0.0003.
+    for t in (20.0, 40.0):
+        ball = 4 / 3 * math.pi * t**3 / 256**3
+        assert 0.6 * ball < random_colour_hit_rate(t) <= ball + 0.001
+    assert random_colour_hit_rate(500.0, n=1000) == 1.0  # > the cube's diagonal (441.7)
 
 
 def test_bundle_identical_and_disjoint():

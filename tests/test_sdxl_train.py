@@ -4,11 +4,11 @@ differently shaped SDXL-like pipeline built here (text encoders 32 + 48 wide, at
 What is checked against independent computations:
 - each variant's size micro-conditioning (original size, crop top-left in the resized — and, for a mirror image,
   mirrored — image, target size) against crops cut here, and that the UNet receives exactly those time ids;
-- nullbooth | dreambooth | lora train on both pipelines through the one loop (attn2 k/v inputs D₁ + D₂ wide);
+- nullbooth | dreambooth | lora | oft train on both pipelines through the one loop (attn2 k/v inputs D₁ + D₂ wide);
 - the diffusers LoRA export (UNet and both text encoders) loaded by plain ``StableDiffusionXLPipeline
   .load_lora_weights`` in a subprocess without nullbooth reproduces our trained model's UNet output
   (|Δ| ≤ 1e-5 + 1e-4·|ε|, float32; the base model's output is far outside that);
-- generate (base alone, LoRA, nullbooth adapter, full UNet) and evaluate's sampling path run on SDXL;
+- generate (base alone, LoRA, nullbooth adapter, full UNet, peft OFT folder) and evaluate's sampling path run on SDXL;
 - what SDXL refuses (dreambooth + train_text_encoder, kohya export) is one line, before anything is computed;
 - a nullbooth set-up (tiny-sd) without held-out prompts or validation never samples before its first step.
 """
@@ -71,6 +71,7 @@ RUNS = {  # name → config overrides: every method, the text encoders, crops, f
     "nullbooth": dict(method="nullbooth", train_text_encoder=True),
     "lora": dict(method="lora", train_text_encoder=True, center_crop=False, random_flip=True),
     "dreambooth": dict(method="dreambooth", with_prior_preservation=True, num_class_images=2, class_generation_steps=1),
+    "oft": dict(method="oft", learning_rate=1e-2),
 }
 
 
@@ -199,8 +200,11 @@ def test_lora_export_loads_in_plain_diffusers_without_nullbooth(world, trained, 
         for name in ("lora", "nullbooth"):
             run = trained[(model, name)]
             with safe_open(str(run["dir"] / "pytorch_lora_weights.safetensors"), "pt") as fh:
-                prefixes = {k.split(".")[0] for k in fh.keys()}
+                keys = list(fh.keys())
+            prefixes = {k.split(".")[0] for k in keys}
             assert prefixes == {"unet", "text_encoder", "text_encoder_2"}, prefixes  # both encoders trained
+            if name == "lora":  # diffusers' default targets: self- and cross-attention
+                assert any(".attn1." in k for k in keys) and any(".attn2." in k for k in keys)
             plain, ours = torch.load(tmp_path / f"{model}-{name}.pt"), our_eps(run["pipe"])
             assert torch.allclose(plain, ours, atol=1e-5, rtol=1e-4), (model, name, (plain - ours).abs().max())
             assert (base - ours).abs().max() > 1e-3, (model, name)  # training changed what the test compares
@@ -223,7 +227,7 @@ def test_generate_base_and_every_trained_output_on_sdxl(world, trained, tmp_path
 
     base = draw(None, "base")
     assert base.shape == (RES, RES, 3)
-    for name in ("lora", "nullbooth", "dreambooth"):
+    for name in ("lora", "nullbooth", "dreambooth", "oft"):
         image = draw(str(trained[("tiny-sdxl", name)]["dir"]), name)
         assert image.shape == base.shape and np.abs(image - base).mean() > 0, name
 

@@ -74,7 +74,7 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
 
 
 def test_trains_text_encoder_follows_the_config(world):
-    for method in ("nullbooth", "dreambooth", "lora"):
+    for method in ("nullbooth", "dreambooth", "attn2_finetune", "lora"):
         assert make_method(make_cfg(world, "x", method=method)).trains_text_encoder is False
         assert make_method(make_cfg(world, "x", method=method, train_text_encoder=True)).trains_text_encoder is True
     perfusion = make_cfg(world, "x", method="perfusion", instance_prompt="a photo of <sks> dog",
@@ -86,7 +86,10 @@ def test_kohya_is_refused_where_it_cannot_carry_the_result(world):
     with pytest.raises(NullBoothError, match="kohya' has no DoRA"):
         check_training(make_cfg(world, "x", method="lora", use_dora=True, lora_format="kohya"))
     with pytest.raises(NullBoothError, match="whole text encoder, which no LoRA carries"):
-        check_training(make_cfg(world, "x", method="dreambooth", train_text_encoder=True, lora_format="kohya"))
+        check_training(make_cfg(world, "x", method="attn2_finetune", train_text_encoder=True, lora_format="kohya"))
+    check_training(make_cfg(world, "x", method="attn2_finetune", lora_format="kohya"))  # its UNet change is a LoRA
+    with pytest.raises(NullBoothError, match="every UNet weight and bias, which no LoRA carries"):
+        check_training(make_cfg(world, "x", method="dreambooth", lora_format="kohya"))
 
 
 def test_dreambooth_puts_the_whole_encoder_in_its_own_named_group(world):

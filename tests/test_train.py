@@ -4,8 +4,8 @@ What is checked against independent computations:
 - the NullBooth update (adapter and projected) stays under the leakage bound its threshold implies,
   ``tr(ΔW C ΔWᵀ) ≤ ‖ΔW‖²_F · λ_max(null)``, with ``C``/``λ`` recomputed here from the run's sums,
   while the unconstrained dreambooth update does not; the instance prompt's output does change;
-- the diffusers LoRA export, loaded by plain ``pipe.load_lora_weights``, reproduces our adapter's
-  (and dreambooth's ``unet/``) UNet outputs;
+- the diffusers LoRA export, loaded by plain ``pipe.load_lora_weights``, reproduces our adapter's UNet outputs, and
+  ``generate`` loads dreambooth's whole ``unet/`` (the other baselines: tests/test_baselines.py);
 - stop at step k, resume, finish == an uninterrupted run, bit for bit;
 - bad inputs give one clear ``NullBoothError``.
 """
@@ -167,17 +167,14 @@ def test_lora_export_loaded_by_plain_diffusers_equals_our_adapter(trained):
     # The personalisation changes the instance prompt's prediction.
     assert float((ours - base).abs().max()) > 1e-4 * scale
 
-    # dreambooth: its unet/ folder and its (full-rank SVD) LoRA export agree too.
+    # dreambooth fine-tunes the whole UNet: no LoRA export; `nullbooth generate` picks its unet/ folder.
     dfolder, _ = trained["dreambooth"]
     from diffusers import UNet2DConditionModel
 
+    assert not (dfolder / "pytorch_lora_weights.safetensors").exists()
     full = load_pipeline("tiny-sd")
     full.unet = UNet2DConditionModel.from_pretrained(dfolder / "unet")
-    via_lora = load_pipeline("tiny-sd")
-    via_lora.load_lora_weights(str(dfolder))
-    a, b = unet_out(full, prompt), unet_out(via_lora, prompt)
-    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
-    # `nullbooth generate` picks the unet/ folder of a dreambooth output.
+    a = unet_out(full, prompt)
     generated = load_pipeline("tiny-sd")
     assert load_personalization(generated, dfolder) == "dreambooth"
     assert torch.equal(unet_out(generated, prompt), a)

@@ -45,6 +45,7 @@ TRAIN_REPORT = "train_report.json"
 TRAIN_REPORT_HTML = "train_report.html"
 TRAIN_CONFIG = "train_config.json"
 MODEL_CARD = "README.md"  # the model card diffusers' training scripts write into an output folder
+OFT_DIR = "oft"  # method oft: peft's adapter folder (adapter_config.json + adapter_model.safetensors)
 LORA_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # lora_format: kohya (A1111 / ComfyUI keys)
 CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-<step>/ holding the files below
 CHECKPOINT_STATE = "trainer_state.json"

@@ -3,7 +3,8 @@
 What a training ``output_dir`` holds decides how it is loaded: a nullbooth adapter
 (``nullbooth_adapter_config.json`` + ``nullbooth_adapter.safetensors``) is injected exactly, with the text
 encoders' LoRA (SDXL: both) from its LoRA file when they were trained; a dreambooth ``unet/`` folder replaces the UNet, and a
-``text_encoder/`` folder beside it the text encoder; a diffusers LoRA (``pytorch_lora_weights.safetensors``, ours or
+``text_encoder/`` folder beside it the text encoder; peft's OFT adapter folder ``oft/`` is injected with peft
+(:func:`nullbooth.methods.oft.load_oft`); a diffusers LoRA (``pytorch_lora_weights.safetensors``, ours or
 anyone's) goes through plain ``pipe.load_lora_weights``; Perfusion concept files (with ``--concept``
 for more, ``--beta``/``--tau`` for the gate) are attached by :mod:`nullbooth.methods.perfusion.method`. Without
 ``generate.adapter``, ``output_dir`` is used when it holds a result, else the base model is sampled alone.
@@ -35,11 +36,13 @@ from nullbooth.filenames import (
     FULL_UNET_DIR,
     GENERATE_IMAGES_DIR,
     LORA_WEIGHTS,
+    OFT_DIR,
     TRAIN_CONFIG,
 )
 from nullbooth.io import read_json, write_image
 from nullbooth.methods.adapter_files import load_adapter
 from nullbooth.methods.lora_export import TEXT_ENCODER
+from nullbooth.methods.oft import PEFT_CONFIG, PEFT_WEIGHTS, load_oft, oft_expectations, read_oft_config
 from nullbooth.methods.perfusion.method import find_concept_files, load_perfusion_personalization
 from nullbooth.models import check_pickled_weights, load_pipeline
 from nullbooth.prompts import read_prompt_file
@@ -62,8 +65,9 @@ _LORA_SIDES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora.down.weight"
 
 
 def find_personalization(path: str | Path, perfusion: PerfusionBlock | None = None) -> tuple[str | None, Path]:
-    """What the training output at ``path`` holds, without loading it: ``("nullbooth" | "dreambooth" | "lora", file
-    or folder)``, or ``(None, path)`` when only Perfusion concept files can remain."""
+    """What the training output at ``path`` holds, without loading it: ``("nullbooth" | "dreambooth" | "oft" | "lora",
+    file or folder)``, or ``(None, path)`` when only Perfusion concept files can remain. ``"dreambooth"`` is any
+    ``unet/`` folder (dreambooth's, or attn2_finetune's with its LoRA export beside it)."""
     path = Path(path)
     if not path.exists() and not (perfusion and perfusion.concepts):
         raise NullBoothError(f"adapter: expected a training output folder at {path}, found nothing; pass --adapter DIR "
@@ -75,6 +79,8 @@ def find_personalization(path: str | Path, perfusion: PerfusionBlock | None = No
         return "nullbooth", folder
     if (folder / FULL_UNET_DIR / "config.json").is_file():
         return "dreambooth", folder / FULL_UNET_DIR
+    if (folder / OFT_DIR / PEFT_CONFIG).is_file():
+        return "oft", folder / OFT_DIR
     lora = path if path.is_file() and path.suffix == ".safetensors" else folder / LORA_WEIGHTS
     if lora.is_file():
         return "lora", lora
@@ -161,8 +167,8 @@ def _trains_encoder(folder: Path) -> bool:
 
 
 def check_fits(pipe, kind: str | None, where: Path, model: str) -> None:
-    """Refuse, before anything is loaded, an adapter, dreambooth UNet (and text encoder) or LoRA whose tensors do not
-    fit ``pipe``: one line naming the first tensor, the shape this model needs, the shape it has, and the model it
+    """Refuse, before anything is loaded, an adapter, dreambooth UNet (and text encoder), OFT or LoRA whose tensors do
+    not fit ``pipe``: one line naming the first tensor, the shape this model needs, the shape it has, and the model it
     was trained on."""
     if kind == "nullbooth":
         got, need = _adapter_expectations(pipe, read_json(where / ADAPTER_CONFIG, "an adapter config"))
@@ -177,6 +183,9 @@ def check_fits(pipe, kind: str | None, where: Path, model: str) -> None:
             te_got, te_need = _full_expectations(pipe.text_encoder, encoder, type(pipe.text_encoder).__name__)
             got.update({f"{TEXT_ENCODER}.{k}": v for k, v in te_got.items()})
             need.update({f"{TEXT_ENCODER}.{k}": v for k, v in te_need.items()})
+    elif kind == "oft":
+        read_oft_config(where)  # a foreign config is refused before any image is drawn
+        got, need = oft_expectations(pipe.unet, _header_shapes([where / PEFT_WEIGHTS]))
     elif kind == "lora":
         got = _header_shapes([where])
         need = _lora_expectations(pipe, got)
@@ -198,7 +207,7 @@ def check_fits(pipe, kind: str | None, where: Path, model: str) -> None:
 def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | None = None,
                          model: str | None = None) -> str:
     """Apply the trained result in ``path`` to ``pipe`` in place; returns what it was
-    (nullbooth / dreambooth / lora / perfusion). ``perfusion`` carries the gate overrides and extra concept files;
+    (nullbooth / dreambooth / oft / lora / perfusion). ``perfusion`` carries the gate overrides and extra concept files;
     ``model`` names the base in errors (default: the folder ``pipe`` was loaded from)."""
     path = Path(path)
     perfusion = perfusion or PerfusionBlock()
@@ -219,6 +228,9 @@ def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | Non
             old = pipe.text_encoder
             pipe.text_encoder = type(old).from_pretrained(encoder, use_safetensors=True).to(old.device, old.dtype)
         return "dreambooth"
+    if kind == "oft":
+        load_oft(pipe.unet, where)
+        return "oft"
     if kind == "lora":
         pipe.load_lora_weights(str(where.parent), weight_name=where.name, use_safetensors=True)
         return "lora"
@@ -226,7 +238,7 @@ def load_personalization(pipe, path: str | Path, perfusion: PerfusionBlock | Non
         return "perfusion"
     raise NullBoothError(
         f"adapter: {path} holds no nullbooth adapter ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}), no dreambooth unet/ "
-        f"folder, no diffusers LoRA ({LORA_WEIGHTS}) and no Perfusion concept file; point --adapter at a training "
+        f"folder, no peft OFT folder ({OFT_DIR}/), no diffusers LoRA ({LORA_WEIGHTS}) and no Perfusion concept file; point --adapter at a training "
         "output_dir"
     )
 

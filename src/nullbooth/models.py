@@ -73,6 +73,7 @@ class TinyArch:
     use_linear_projection: bool = False
     vae_channels: tuple[int, ...] = (32, 64)
     latent_size: int = 32
+    latent_channels: int = 4
     seed: int = 0
     # GroupNorm groups of UNet and VAE (None: min(first width, 32), diffusers' usual). One channel per group
     # normalises away each channel's spatial mean — exactly what encodes a flat colour — so the world model's
@@ -99,9 +100,11 @@ class TinyArch:
 # which take precedence over this seeded init): 64×64 images, VAE factor 4 → 16×16×4 latents (factor 8 left a
 # small shape ~1 latent pixel: colour 49 %, shape at chance after an hour), cross-attention at 8×8 and 4×4, SD's
 # schedule (zero-terminal-SNR v-prediction learned colours 5× slower in the same 25 minutes: 15 % vs 75 %).
+# Eight latent channels: the general VAE must carry any colour and texture, and with four the 6-minute probe
+# reached a median PSNR of 25.2 dB on held-out random subjects (the gate asks 28).
 WORLD_ARCH = TinyArch(
     text_hidden=128, text_layers=4, text_heads=4, unet_channels=(32, 64, 64), layers_per_block=1,
-    attention_head_dim=2, vae_channels=(16, 32, 64), latent_size=16, norm_groups=8, schedule="sd",
+    attention_head_dim=2, vae_channels=(16, 32, 64), latent_size=16, latent_channels=8, norm_groups=8, schedule="sd",
     attention_levels=(1, 2),
 )
 
@@ -192,8 +195,8 @@ def _tiny_unet(arch: TinyArch):
                   transformer_layers_per_block=arch.xl.transformer_layers)
     return UNet2DConditionModel(
         sample_size=arch.latent_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
         block_out_channels=arch.unet_channels,
         layers_per_block=arch.layers_per_block,
         down_block_types=tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(levels)),
@@ -239,7 +242,7 @@ def build_tiny_pipeline(arch: TinyArch = TinyArch(), tokenizer=None):
         block_out_channels=arch.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
-        latent_channels=4,
+        latent_channels=arch.latent_channels,
         norm_num_groups=arch.norm_groups or min(arch.vae_channels[0], 32),
         sample_size=arch.latent_size * 2 ** (len(arch.vae_channels) - 1),
         **({"scaling_factor": 0.13025} if arch.xl is not None else {}),  # SDXL's VAE latent scale

@@ -23,7 +23,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 DESCRIPTION = """\
 Sample the base model, alone or with a trained result (nullbooth adapter, dreambooth unet/, diffusers
-LoRA, Perfusion concept files), for every prompt × every seed.
+LoRA, peft OFT folder, Perfusion concept files), for every prompt × every seed.
 
 Writes under --out: images/<i>_<slug>_seed<seed>.png, one PNG per image (i: the prompt's index, slug:
 its words); <i>_<slug>.png, a grid per prompt with one column per seed; with --compare-base also
@@ -41,7 +41,7 @@ def register_cli(subparsers) -> None:
                                     "[--set KEY=VALUE]…")
     add_common(p)
     add_key_flag(p, "--adapter", "generate.adapter", help="a training output_dir (nullbooth adapter, dreambooth "
-                 "unet/ or diffusers LoRA); default: output_dir when it holds one, else the base model alone")
+                 "unet/, diffusers LoRA, oft/ or Perfusion concepts); default: output_dir when it holds one, else the base model alone")
     add_key_flag(p, "--prompt", "generate.prompts", action="append", help="a prompt (repeatable)")
     add_key_flag(p, "--prompts", "generate.prompts_file", help="a file with one prompt per line")
     seeds = p.add_mutually_exclusive_group()

@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     """Add the ``train`` verb to ``nullbooth``'s sub-parsers."""
-    p = subparsers.add_parser("train", help="personalise the model on instance images (nullbooth, dreambooth, lora)",
+    p = subparsers.add_parser("train", help="personalise the model on instance images (nullbooth, perfusion and the baselines)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                               usage="%(prog)s [--config FILE] [--KEY VALUE | --KEY | --no-KEY]… [--set KEY=VALUE]…")
     add_config_source(p)

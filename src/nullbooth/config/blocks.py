@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 NullspaceMode = Literal["absolute", "relative", "energy", "rank", "percentile"]
-MethodName = Literal["nullbooth", "dreambooth", "lora", "perfusion"]
+MethodName = Literal["nullbooth", "dreambooth", "attn2_finetune", "lora", "oft", "perfusion"]
 FEATURES = ("q", "k", "v", "out")
 INT_LIMIT = 2**63  # torch tensors, generators and step counters are signed 64-bit
 # Training derives generator seeds as ``seed * 1_000_003 + epoch`` (dataset) and ``seed * 1000 + rank`` (setup),

@@ -48,7 +48,8 @@ class Config(_Block):
         "(offline); train_report.json is always written")
     logging_dir: str = Field("logs", description="tracker logs, relative to output_dir")
     # -- what is trained
-    method: MethodName = Field("nullbooth", description="nullbooth | dreambooth (unconstrained baseline) | lora | perfusion")
+    method: MethodName = Field("nullbooth", description="nullbooth | dreambooth (the whole UNet, unconstrained) | "
+                               "attn2_finetune (nullbooth's weights, unconstrained) | lora | oft | perfusion")
     nullbooth_update: Literal["adapter", "projected"] = Field(
         "adapter", description="adapter: ΔW = M Uᵀ (exact); projected: full weights, W ← W_old + (W_new − W_old) P")
     train_text_encoder: bool = Field(False, description="also train the text encoder (dreambooth: all of it; lora: "
@@ -57,6 +58,11 @@ class Config(_Block):
     lora_rank: int = Field(4, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="method lora: dropout of the LoRA branch (peft)")
     use_dora: bool = Field(False, description="method lora: weight-decomposed LoRA (DoRA, peft's use_dora)")
+    lora_targets: Literal["attention", "attn2"] = Field(
+        "attention", description="method lora: attention = to_q/to_k/to_v/to_out.0 of every attention (attn1 and "
+        "attn2, diffusers' train_dreambooth_lora.py); attn2 = the cross-attention weights nullbooth protects")
+    oft_block_size: int = Field(32, ge=2, le=4096, description="method oft: peft's OFT block size (r = in_features / "
+                                "block size blocks per layer; peft adjusts it where it does not divide a width)")
     lora_format: Literal["diffusers", "kohya"] = Field(
         "diffusers", description="kohya: also write pytorch_lora_weights_kohya.safetensors (A1111 / ComfyUI key names)")
     # -- data (diffusers train_dreambooth.py names)
@@ -83,7 +89,8 @@ class Config(_Block):
     # -- optimisation
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float | None = Field(None, gt=0.0, description="default: the method's (dreambooth/nullbooth 5e-6, lora 1e-4)")
+    learning_rate: float | None = Field(None, gt=0.0, description="default: the method's (dreambooth, attn2_finetune, "
+                                          "nullbooth 5e-6; lora, oft 1e-4)")
     scale_lr: bool = Field(False, description="multiply the learning rates by train_batch_size × "
                            "gradient_accumulation_steps × processes")
     optimizer: Literal["adamw", "prodigy"] = Field("adamw", description="AdamW | prodigy (needs prodigyopt; use "
@@ -166,7 +173,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "model and run": ("pretrained_model_name_or_path", "revision", "seed", "resolution", "output_dir", "overwrite",
                       "mixed_precision", "allow_tf32", "dataloader_num_workers"),
     "what is trained": ("method", "nullbooth_update", "train_text_encoder", "text_encoder_lr", "lora_rank",
-                        "lora_dropout", "use_dora", "lora_format"),
+                        "lora_dropout", "use_dora", "lora_targets", "oft_block_size", "lora_format"),
     "data": ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt", "subjects",
              "with_prior_preservation", "prior_loss_weight", "num_class_images", "class_generation_steps",
              "sample_batch_size", "prior_generation_precision", "center_crop", "random_flip",
@@ -233,10 +240,20 @@ def _option_problems(cfg: Config) -> list[str]:
     if cfg.lora_format == "kohya" and cfg.use_dora:
         problems.append("lora_format: 'kohya' has no DoRA magnitude vector, and use_dora is on; use lora_format: "
                         "diffusers (plain diffusers loads its DoRA) or turn use_dora off")
-    if cfg.lora_format == "kohya" and cfg.method == "dreambooth" and cfg.train_text_encoder:
-        problems.append("lora_format: 'kohya' exports a LoRA, and dreambooth with train_text_encoder trains the whole "
-                        "text encoder, which no LoRA carries; use lora_format: diffusers (the result is unet/ and "
-                        "text_encoder/)")
+    if cfg.lora_format == "kohya" and cfg.method == "dreambooth":
+        problems.append("lora_format: 'kohya' exports a LoRA, and dreambooth fine-tunes every UNet weight and bias, "
+                        "which no LoRA carries; use lora_format: diffusers (the result is unet/) or method "
+                        "attn2_finetune (its change is exported as a LoRA)")
+    if cfg.lora_format == "kohya" and cfg.method == "attn2_finetune" and cfg.train_text_encoder:
+        problems.append("lora_format: 'kohya' exports a LoRA, and attn2_finetune with train_text_encoder trains the "
+                        "whole text encoder, which no LoRA carries; use lora_format: diffusers (the result is unet/ "
+                        "and text_encoder/)")
+    if cfg.lora_format == "kohya" and cfg.method == "oft":
+        problems.append("lora_format: 'kohya' exports a LoRA, and OFT's learned rotations are not one; use "
+                        "lora_format: diffusers with method oft (the result is peft's adapter folder oft/)")
+    if cfg.train_text_encoder and cfg.method == "oft":
+        problems.append("train_text_encoder: method oft trains the UNet's attention only; turn train_text_encoder "
+                        "off, or use method lora for a LoRA on the text encoder too")
     if cfg.train_text_encoder and cfg.method == "perfusion":
         problems.append("train_text_encoder: Perfusion trains only its concept token's embedding — its keys are "
                         "locked to the frozen encoder's superclass encoding; turn train_text_encoder off")
@@ -247,9 +264,10 @@ def _option_problems(cfg: Config) -> list[str]:
                         "pre_compute_text_embeddings off")
     if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
         problems.append("text_encoder_lr: is only used with train_text_encoder: true; set it or remove text_encoder_lr")
-    for key, default in (("lora_dropout", 0.0), ("use_dora", False)):
-        if getattr(cfg, key) != default and cfg.method != "lora":
-            problems.append(f"{key}: applies to method lora only, got method {cfg.method!r}; remove {key}")
+    for key, method in (("lora_dropout", "lora"), ("use_dora", "lora"), ("lora_targets", "lora"),
+                        ("oft_block_size", "oft")):
+        if getattr(cfg, key) != Config.model_fields[key].default and cfg.method != method:
+            problems.append(f"{key}: applies to method {method} only, got method {cfg.method!r}; remove {key}")
     if cfg.use_8bit_adam and cfg.optimizer != "adamw":
         problems.append("use_8bit_adam: is an AdamW variant, and optimizer is 'prodigy'; set one of them")
     if cfg.lr_warmup_steps > cfg.max_train_steps and "num_train_epochs" not in cfg.model_fields_set:
@@ -264,7 +282,7 @@ def training_problems(cfg: Config) -> list[str]:
         nb = cfg.nullbooth
         if not nb.enable:
             problems.append("nullbooth.enable: method 'nullbooth' needs enable: true; for an unconstrained run set "
-                            "method: dreambooth")
+                            "method: attn2_finetune (the same weights) or dreambooth (the whole UNet)")
         if nb.stats_run is None and nb.original_knowledge_prompts is None:
             problems.append("nullbooth.original_knowledge_prompts: method 'nullbooth' needs a statistics run; give the "
                             "prior prompts file (the run is collected or reused) or nullbooth.stats_run")

@@ -9,10 +9,12 @@ the base, or a whole diffusers folder) renders the same prompts with the same ge
 * **attributes** (models of the shapes world, judged by :class:`nullbooth.world.judge.Judge`) — per prompt, the
   fraction of stated attributes (shape, colour, position, …) the images show, for both models (text
   alignment), the same-seed agreement of judged attributes, and the JSD of each attribute's histogram;
-* **subject fidelity** — embedding similarity of subject-prompt generations to the instance images
-  (DreamBooth's DINO/CLIP-I score), and, with the judge, how often the judged shape/colour/pattern match
-  those of the instance images. With several subjects each subject's prompts are scored against its own
-  instance images (``subjects``, keyed by instance prompt), and ``subject`` holds their mean.
+* **subject fidelity** — with the judge (:mod:`nullbooth.eval.fidelity`): the share of subject-prompt samples
+  whose judged shape, main colour, pattern kind and pattern colour all match the subject read off the instance
+  images (``subject_match``), per-attribute match rates, a soft ``identity_similarity``, and for prompts that ask
+  for a position or background the share drawn there (``context_*``); always the embedding cosine to the instance
+  images (``fidelity``, DreamBooth's DINO/CLIP-I score). With several subjects each subject's prompts are scored
+  against its own instance images (``subjects``, keyed by instance prompt), and ``subject`` holds their mean.
 
 Rendering is separated from scoring (:func:`render`, :func:`compare`, :func:`subject_scores`) so the
 method benchmark renders the base model once and scores many personalisations against it.
@@ -34,6 +36,12 @@ from nullbooth.conditioning import encoder_names
 from nullbooth.config import PerfusionBlock
 from nullbooth.dataset import read_image_folder
 from nullbooth.errors import NullBoothError
+from nullbooth.eval.fidelity import (
+    COLOUR_TOLERANCE,
+    reference_from_instances,
+    reference_from_subject,
+    subject_fidelity_scores,
+)
 from nullbooth.eval.metrics import (
     attribute_jsd,
     distribution_metrics,
@@ -61,6 +69,7 @@ from nullbooth.world.judge import (
     load_judge,
 )
 from nullbooth.world.scenes import parse_prompt
+from nullbooth.world.subjects import Subject
 
 log = logging.getLogger(__name__)
 
@@ -257,33 +266,38 @@ def compare(base: Rendered, personalized: Rendered, extractor: FeatureExtractor,
 
 
 def subject_scores(generated: Rendered, instances: Sequence[Image.Image], extractor: FeatureExtractor,
-                   judge: Judge | None = None) -> dict[str, Any]:
-    """Fidelity of subject-prompt generations to the instance images (embedding cosine, judged attributes)."""
+                   judge: Judge | None = None, subject: Subject | None = None) -> dict[str, Any]:
+    """Fidelity of subject-prompt generations to the subject.
+
+    Always ``fidelity``: the mean embedding cosine to the instance images (DreamBooth's DINO/CLIP-I score; with
+    the judge's embedding it barely separates subjects, see :mod:`nullbooth.eval.fidelity`). With the judge, the
+    headline :func:`~nullbooth.eval.fidelity.subject_fidelity_scores` (``subject_match``, ``identity_similarity``,
+    per-attribute matches, ``context_*``) against ``subject``'s ground truth, or against the judge's reading of the
+    instance images when no subject is given; ``instance_*`` says what that reference is.
+    """
     if not instances:
         raise NullBoothError("evaluate: subject fidelity needs at least one instance image, got none")
     flat = generated.flat()
-    out: dict[str, Any] = {"images": len(flat), "instances": len(instances),
-                           "fidelity": subject_fidelity(extractor(flat), extractor(list(instances)))}
+    out: dict[str, Any] = {"images": len(flat), "instances": len(instances)}
     if judge is not None:
-        ref = judge.predict(list(instances))
-        got = judge.predict(flat)
-        for name in ("shape", "colour", "pattern"):
-            values, counts = np.unique(ref[name], return_counts=True)
-            target = str(values[counts.argmax()])  # what the judge sees in most instance images
-            out[f"{name}_match"] = float(np.mean([g == target for g in got[name]]))
-            out[f"instance_{name}"] = target
+        reference = reference_from_subject(subject) if subject else reference_from_instances(judge, list(instances))
+        prompts = [p for p, row in zip(generated.prompts, generated.images) for _ in row]
+        out.update(subject_fidelity_scores(judge, flat, prompts, reference))
+        out.update({f"instance_{k}": v for k, v in reference.as_dict().items()})
+    out["fidelity"] = subject_fidelity(extractor(flat), extractor(list(instances)))
     return out
 
 
 def mean_scores(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Several subjects' :func:`subject_scores` in one: scores averaged, image counts summed (what each subject's
-    instance images look like is per subject and left out)."""
+    """Several subjects' :func:`subject_scores` in one: scores averaged over the subjects that have them (a solid
+    subject has no pattern-colour match), counts summed (each subject's reference is per subject and left out)."""
     out: dict[str, Any] = {}
-    for key, value in scores[0].items():
-        if key in ("images", "instances"):
-            out[key] = sum(s[key] for s in scores)
-        elif isinstance(value, float):
-            out[key] = float(np.mean([s[key] for s in scores]))
+    for key in scores[0]:
+        values = [s.get(key) for s in scores]
+        if key in ("images", "instances", "context_samples"):
+            out[key] = sum(v or 0 for v in values)
+        elif not key.startswith("instance_") and any(isinstance(v, float) for v in values):
+            out[key] = float(np.mean([v for v in values if isinstance(v, float)]))
     return out
 
 
@@ -457,27 +471,50 @@ def to_markdown(report: dict[str, Any], max_prompts: int = 50) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Subject columns of the markdown report, headline first; the rest (context per attribute, errors) is in the JSON.
+_SUBJECT_COLUMNS = {"subject_match": "subject match", "identity_similarity": "identity similarity",
+                    "shape_match": "shape", "colour_match": "colour", "pattern_match": "pattern",
+                    "pattern_colour_match": "pattern colour", "context_match": "in context",
+                    "context_subject_match": "subject in context", "fidelity": "embedding cosine (legacy)"}
+_PER_SUBJECT_COLUMNS = ("subject_match", "identity_similarity", "context_subject_match", "fidelity")
+
+
+def _reference_text(scores: dict[str, Any]) -> str:
+    if "instance_shape" not in scores:
+        return "–"
+    pattern = "solid" if scores["instance_pattern"] == "solid" else \
+        f"{scores['instance_pattern']} in {scores['instance_pattern_colour']}"
+    return f"{scores['instance_colour']} {scores['instance_shape']}, {pattern} ({scores['instance_source']})"
+
+
 def _subject_markdown(report: dict[str, Any]) -> list[str]:
     """Subject fidelity: base and personalised; with several subjects their mean, then one row per subject."""
     subject = report.get("subject")
     if not subject:
         return []
-    keys = [k for k in subject["personalized"] if k not in ("images", "instances") and not k.startswith("instance_")]
+    keys = [k for k in _SUBJECT_COLUMNS if k in subject["personalized"]]
     several = report.get("subjects") or []
     mean = f", the mean over {len(several)} subjects (each scored against its own instance images)" if several else ""
+    judged = "subject_match" in subject["personalized"]
     lines = ["## Subject fidelity", "", f"{len(subject['prompts'])} subject prompt(s), "
-             f"{subject['personalized']['instances']} instance image(s){mean}.", "",
-             "| model | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+             f"{subject['personalized']['instances']} instance image(s){mean}."
+             + (f" A sample matches when its judged shape, colour, pattern kind and pattern colour all match the "
+                f"subject (colours within {COLOUR_TOLERANCE:g} sRGB units); in context: drawn at the position / on "
+                "the background its prompt asks for." if judged else ""), "",
+             "| model | " + " | ".join(_SUBJECT_COLUMNS[k] for k in keys) + " |", "|" + " --- |" * (len(keys) + 1)]
     for who in ("base", "personalized"):
         lines.append(f"| {who} | " + " | ".join(_fmt(subject[who].get(k)) for k in keys) + " |")
+    if judged and not several:
+        lines.append(f"\nSubject as read: {_reference_text(subject['personalized'])}.")
     lines.append("")
     if several:
-        lines += ["| subject (instance prompt) | instance images | " + " | ".join(f"{k}, base → personalised"
-                                                                          for k in keys) + " |",
-                  "|" + " --- |" * (len(keys) + 2)]
+        cols = [k for k in _PER_SUBJECT_COLUMNS if k in keys]
+        lines += ["| subject (instance prompt) | instance images | subject as read | " + " | ".join(
+                  f"{_SUBJECT_COLUMNS[k]}, base → personalised" for k in cols) + " |", "|" + " --- |" * (len(cols) + 3)]
         for e in several:
-            lines.append(f"| {e['instance_prompt']} | {e['personalized']['instances']} | " + " | ".join(
-                f"{_fmt(e['base'].get(k))} → {_fmt(e['personalized'].get(k))}" for k in keys) + " |")
+            lines.append(f"| {e['instance_prompt']} | {e['personalized']['instances']} | "
+                         f"{_reference_text(e['personalized'])} | " + " | ".join(
+                f"{_fmt(e['base'].get(k))} → {_fmt(e['personalized'].get(k))}" for k in cols) + " |")
         lines.append("")
     return lines
 

@@ -313,6 +313,38 @@ def subject_fidelity(generated, instances) -> float:
     return float(cosine_similarity_matrix(g, r).mean())
 
 
+def colour_kernel(error, tolerance: float) -> np.ndarray:
+    """``k(d) = 2^{−(d/τ)²}`` of sRGB errors ``d`` with tolerance ``τ``: 1 at 0, ½ at the tolerance, 1/16 at 2τ."""
+    if not tolerance > 0:
+        raise NullBoothError(f"colour tolerance must be > 0 (sRGB units, 0–255), got {tolerance}")
+    return np.exp2(-(np.asarray(error, np.float64) / float(tolerance)) ** 2)
+
+
+def identity_similarity(p_shape, p_kind, colour_error, pattern_error, tolerance: float) -> float:
+    """Soft subject match, the mean over samples of
+
+    ``s_i = P_i(shape*) · P_i(kind*) · k(‖ĉ_i − c*‖) · k(‖p̂_i − p*‖)``
+
+    with the judge's probabilities of the reference shape and pattern kind, :func:`colour_kernel` ``k`` of the
+    main- and pattern-colour errors (``pattern_error`` None for a solid subject: no factor). In [0, 1]; 1 only
+    for certain readings of exactly the reference. Needs ≥ 1 sample.
+    """
+    s = np.asarray(p_shape, np.float64) * np.asarray(p_kind, np.float64) * colour_kernel(colour_error, tolerance)
+    if pattern_error is not None:
+        s = s * colour_kernel(pattern_error, tolerance)
+    if s.size == 0:
+        raise NullBoothError("identity similarity needs at least 1 sample, got 0")
+    return float(s.mean())
+
+
+def random_colour_hit_rate(tolerance: float, n: int = 200_000, seed: int = 0) -> float:
+    """Probability that two independent uniform sRGB colours (0–255 per channel) lie within ``tolerance``
+    (Euclidean) of each other — the chance level of a colour match, by Monte Carlo over ``n`` pairs."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 256, (n, 3)), rng.integers(0, 256, (n, 3))
+    return float((np.linalg.norm((a - b).astype(np.float64), axis=1) <= tolerance).mean())
+
+
 # ------------------------------------------------------------------------------------------------ bundle
 
 

@@ -206,6 +206,26 @@ def adapter_targets(unet: nn.Module, layers: Sequence[CrossAttentionLayer | str]
     return out
 
 
+def attention_targets(unet: nn.Module) -> dict[str, nn.Linear]:
+    """diffusers' default LoRA targets (``train_dreambooth_lora.py``): ``to_q``/``to_k``/``to_v``/``to_out.0`` of every
+    attention of the UNet, self- (``attn1``) and cross-attention (``attn2``) alike, chosen structurally — every module
+    holding all four as ``nn.Linear`` (already-wrapped ones yield their base layer)."""
+    out: dict[str, nn.Linear] = {}
+    for path, module in unet.named_modules():
+        linears = {}
+        for weight in WEIGHT_OF_FEATURE.values():
+            try:
+                linears[f"{path}.{weight}"] = unwrap_linear(module.get_submodule(weight))
+            except AttributeError:
+                break
+        if len(linears) == len(WEIGHT_OF_FEATURE) and all(linears.values()):
+            out.update(linears)
+    if not out:
+        raise NullBoothError(f"expected attention modules with {'/'.join(WEIGHT_OF_FEATURE.values())} projections in "
+                             f"the UNet, found none in {type(unet).__name__}; is this a Stable Diffusion UNet?")
+    return out
+
+
 def null_space_adapters(unet: nn.Module) -> dict[str, NullSpaceLinear]:
     """Every injected ``NullSpaceLinear`` by module path."""
     return {name: m for name, m in unet.named_modules() if isinstance(m, NullSpaceLinear)}

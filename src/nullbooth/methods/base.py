@@ -1,13 +1,13 @@
 """What is trained: one small strategy object per method, all driven by the same loop (:mod:`nullbooth.training.loop`).
 
-Every method trains (a re-parametrisation of) the same weights — the ``to_q``/``to_k``/``to_v``/
-``to_out.0`` weights of the selected ``attn2`` layers, biases frozen — so the baselines compare
-like with like:
+Every method reports the change of the same protected weights — the ``to_q``/``to_k``/``to_v``/``to_out.0``
+weights of the selected ``attn2`` layers — so the leakage report compares like with like; what each trains:
 
-- ``nullbooth``  ΔW confined to the null space of the prior-knowledge features (docs/design.md §2),
+- ``nullbooth``  those weights, ΔW confined to the null space of the prior-knowledge features (docs/design.md §2),
   :mod:`nullbooth.methods.nullbooth`.
-- ``dreambooth`` the same weights, unconstrained, and ``lora`` (peft LoRA on the same modules), the
-  baselines users compare against: :mod:`nullbooth.methods.baselines`.
+- ``dreambooth`` the whole UNet (diffusers' ``train_dreambooth.py``), ``attn2_finetune`` the protected weights
+  unconstrained (Custom-Diffusion-like), ``lora`` (peft LoRA on every attention projection, or attn2 only):
+  :mod:`nullbooth.methods.baselines`; ``oft`` (peft OFT on every attention projection), :mod:`nullbooth.methods.oft`.
 - ``perfusion``  key-locked rank-1 edits, :mod:`nullbooth.methods.perfusion.method`.
 
 :mod:`nullbooth.methods.registry` maps the config's ``method`` name to the class. The loop only talks to

@@ -2,7 +2,7 @@
 
 :func:`export_diffusers_lora` writes a file that plain ``StableDiffusionPipeline.load_lora_weights``
 reads: for an adapter ``ΔW = B A`` with ``B = M``, ``A = Uᵀ`` and scale 1 (exact, rank ``k``); for a
-full-weight method (dreambooth) the dense ``ΔW`` of :func:`dense_deltas` factorised by SVD
+full-weight method (attn2_finetune) the dense ``ΔW`` of :func:`dense_deltas` factorised by SVD
 (:func:`lora_factors`, exact up to the numerical rank); for peft LoRA layers (method ``lora``, and the
 text encoders under ``train_text_encoder``) their own factors and DoRA magnitudes (:func:`peft_lora_tensors`). Text
 encoders are keyed by their pipeline attribute, ``text_encoder.`` and (SDXL) ``text_encoder_2.``, as diffusers'

@@ -1,4 +1,5 @@
-"""The training strategies by name: ``method: nullbooth | dreambooth | lora | perfusion``.
+"""The training strategies by name: ``method: nullbooth | dreambooth | attn2_finetune | lora | oft |
+perfusion``.
 
 An explicit table: a method exists because it is listed here, never because some module was imported.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.methods.base import Method
-from nullbooth.methods.baselines import DreamBooth, Lora
+from nullbooth.methods.baselines import Attn2Finetune, DreamBooth, Lora
 from nullbooth.methods.nullbooth import NullBooth
+from nullbooth.methods.oft import Oft
 from nullbooth.methods.perfusion.method import Perfusion
 
 # name → class, each name spelled once (the class's ``name``, which its outputs record)
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NullBooth, DreamBooth, Lora, Perfusion)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NullBooth, DreamBooth, Attn2Finetune, Lora, Oft,
+                                                            Perfusion)}
 
 
 def make_method(cfg: Config) -> Method:

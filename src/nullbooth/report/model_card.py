@@ -24,6 +24,7 @@ from nullbooth.filenames import (
     FULL_UNET_DIR,
     LORA_WEIGHTS,
     MODEL_CARD,
+    OFT_DIR,
     TRAIN_CONFIG,
     TRAIN_REPORT,
     VALIDATION_DIR,
@@ -133,6 +134,9 @@ def _usage(report: Mapping[str, Any], folder: Path) -> list[str]:
             load += ["from transformers import CLIPTextModel",
                      f"pipe.text_encoder = CLIPTextModel.from_pretrained({str(folder / FULL_TEXT_ENCODER_DIR)!r}, "
                      "use_safetensors=True)"]
+    elif (folder / OFT_DIR).is_dir():
+        load = ["from peft import PeftModel",
+                f"pipe.unet = PeftModel.from_pretrained(pipe.unet, {str(folder / OFT_DIR)!r})"]
     else:
         return ["## How to use", "", f"`nullbooth generate --adapter {folder} --prompt {prompt!r}`", ""]
     return ["## How to use", "", "```python", "from diffusers import StableDiffusionPipeline", "",
@@ -142,7 +146,8 @@ def _usage(report: Mapping[str, Any], folder: Path) -> list[str]:
 
 def model_card(folder: Path, report: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     """The card's markdown for the training output ``folder``, its ``report`` (``train_report.json``) and ``config``."""
-    files = [name for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS, FULL_UNET_DIR, FULL_TEXT_ENCODER_DIR) if (folder / name).exists()]
+    files = [name for name in (LORA_WEIGHTS, ADAPTER_WEIGHTS, FULL_UNET_DIR, FULL_TEXT_ENCODER_DIR, OFT_DIR)
+             if (folder / name).exists()]
     files += sorted(p.name for p in folder.glob(CONCEPT_FILES))
     several = len(report.get("subjects") or []) > 1
     trained_on = (f"{len(report['subjects'])} subjects" if several else

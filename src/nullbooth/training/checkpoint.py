@@ -29,7 +29,7 @@ from nullbooth.training.optim import steps_from_epochs
 # Settings a checkpoint can only be resumed under: what defines the trained parameters, the data and the
 # optimizer (a resumed optimizer keeps its checkpoint's learning rate, so a changed one would be silently ignored).
 # max_train_steps may grow; checkpoints written before a key was added here are not compared on it.
-RESUME_KEYS = ("method", "nullbooth_update", "lora_rank", "seed", "train_batch_size", "gradient_accumulation_steps",
+RESUME_KEYS = ("method", "nullbooth_update", "lora_rank", "lora_targets", "oft_block_size", "seed", "train_batch_size", "gradient_accumulation_steps",
                "instance_prompt", "class_prompt", "with_prior_preservation", "resolution",
                "pretrained_model_name_or_path", "revision", "learning_rate", "lr_scheduler", "lr_warmup_steps",
                "prior_loss_weight", "nullbooth.cross_attention_layers", "nullbooth.nullspace_mode",

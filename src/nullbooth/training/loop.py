@@ -3,8 +3,8 @@
 The objective is DreamBooth's (Ruiz et al., CVPR 2023, eq. 2): the denoising loss on the instance
 images with the identifier prompt, plus ``prior_loss_weight`` times the same loss on class images
 with the class prompt. *What* is trained is a strategy from :mod:`nullbooth.methods` — the
-null-space constrained ``nullbooth`` (docs/design.md §2), or the ``dreambooth`` / ``lora`` baselines on the
-same weights. accelerate supplies devices, mixed precision and multi-process data parallelism;
+null-space constrained ``nullbooth`` (docs/design.md §2), ``perfusion``, or the baselines (``dreambooth``,
+``attn2_finetune``, ``lora``, ``oft``). accelerate supplies devices, mixed precision and multi-process data parallelism;
 gradient accumulation is written out.
 
 :func:`train` is set-up (:mod:`nullbooth.training.setup`) → :func:`loop` → :func:`finish` (the method's files,

@@ -37,8 +37,10 @@ from nullbooth.filenames import (
     FULL_TEXT_ENCODER_DIR,
     FULL_UNET_DIR,
     LEGACY_ADAPTER_CONFIG,
+    LORA_KOHYA_WEIGHTS,
     LORA_WEIGHTS,
     MODEL_INDEX,
+    OFT_DIR,
     PERFUSION_CONFIG,
     SUBJECT_CONCEPT_FILE,
     TRAIN_CONFIG,
@@ -71,8 +73,9 @@ from nullbooth.training.trackers import check_backend
 log = logging.getLogger(__name__)
 
 # What a finished run leaves in output_dir (each method's files, the report, the config); a new run replaces them.
-RESULT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, LEGACY_ADAPTER_CONFIG, LORA_WEIGHTS, CONCEPT_FILE, PERFUSION_CONFIG,
-                FULL_UNET_DIR, FULL_TEXT_ENCODER_DIR, TRAIN_REPORT, TRAIN_REPORT_HTML, TRAIN_CONFIG)
+RESULT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, LEGACY_ADAPTER_CONFIG, LORA_WEIGHTS, LORA_KOHYA_WEIGHTS, CONCEPT_FILE,
+                PERFUSION_CONFIG, FULL_UNET_DIR, FULL_TEXT_ENCODER_DIR, OFT_DIR, TRAIN_REPORT, TRAIN_REPORT_HTML,
+                TRAIN_CONFIG)
 
 
 @dataclass

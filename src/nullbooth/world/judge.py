@@ -1,8 +1,18 @@
-"""The judge: a small CNN that reads the world's attributes off an image, and pluggable feature extractors.
+"""The judge: a small CNN that reads an object's attributes off an image, and pluggable feature extractors.
 
-The judge (:class:`Judge`) is trained on ground-truth renders of :mod:`nullbooth.world.scenes` (with blur, noise and
-colour jitter so that it also reads generated images) and has one softmax head per attribute. Its
-penultimate layer is an embedding used by the distribution metrics of :mod:`nullbooth.eval.metrics`
+The judge (:class:`Judge`) is trained (:mod:`nullbooth.world.judge_train`) on ground-truth renders of the world
+(:mod:`nullbooth.world.scenes`) and of random subjects (:mod:`nullbooth.world.subjects`), with blur, noise and
+colour jitter so that it also reads generated images. Heads:
+
+* categorical (softmax): the world's ``position``, ``size``, ``background``, ``colour`` (palette name) and
+  ``pattern`` (solid/striped/dotted) that the preservation metrics use, ``shape`` over every drawable shape
+  (:data:`~nullbooth.world.textures.ALL_SHAPES`) and ``pattern_kind`` over
+  :data:`~nullbooth.world.textures.PATTERN_KINDS`;
+* open palette (regression, :meth:`Judge.read`): the main colour and the pattern colour as sRGB, the pattern period
+  (fraction of the image side) and the pattern angle as ``(cos, sin)(2π·angle / P_kind)`` with ``P_kind`` the
+  kind's angle period (:data:`~nullbooth.world.textures.ORIENTED_KINDS`).
+
+Its penultimate layer is an embedding used by the distribution metrics of :mod:`nullbooth.eval.metrics`
 (MMD, coverage, 1-NN, Fréchet distance) when no CLIP/DINOv2 model is available — which is always the
 case offline.
 
@@ -14,8 +24,7 @@ DINOv2 model. :func:`load_feature_extractor` picks one from a user string.
 from __future__ import annotations
 
 import json
-import logging
-import time
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
@@ -31,16 +40,25 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import JUDGE_CONFIG, JUDGE_DIR, JUDGE_WEIGHTS
 from nullbooth.io import load_tensors, read_json
 from nullbooth.models import check_pickled_weights
-from nullbooth.world.scenes import (
-    ATTRIBUTE_NAMES,
-    ATTRIBUTE_VALUES,
-    World,
-    WorldConfig,
-    parse_prompt,
-)
+from nullbooth.world.scenes import ATTRIBUTE_VALUES, parse_prompt
+from nullbooth.world.textures import ALL_SHAPES, ORIENTED_KINDS, PATTERN_KINDS, PERIODIC_KINDS
 
-log = logging.getLogger(__name__)
-
+# Categorical heads: the world's (shape widened to every drawable shape) plus the texture kind.
+JUDGE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    **{name: values for name, values in ATTRIBUTE_VALUES.items()},
+    "shape": ALL_SHAPES,
+    "pattern_kind": PATTERN_KINDS,
+}
+# Regression heads and their widths: sRGB of the main and the pattern colour (scaled to [-1, 1]), log of the
+# period (fraction of the side), (cos, sin) of the angle in units of the kind's angle period.
+JUDGE_REGRESSIONS: dict[str, int] = {"rgb": 3, "pattern_rgb": 3, "log_period": 1, "angle": 2}
+# Regression heads read off the pixels by attention pooling (:class:`JudgeNet`).
+POOLED_COLOURS: tuple[str, ...] = ("rgb", "pattern_rgb")
+# Kinds whose two colours cover equal shares of the shape (stripes, checks, noise) or swap with a half turn
+# (gradient): which one is "main" is not in the pixels, so the two colours are an unordered pair. Dots too: on a
+# small shape two or three dots cover as much as the field between them (the first judge swapped dot and field
+# colour in 31 % of held-out dotted views).
+SYMMETRIC_KINDS: tuple[str, ...] = ("stripes", "dots", "checks", "noise", "gradient")
 
 
 # -------------------------------------------------------------------------------------------- protocol
@@ -67,13 +85,21 @@ def _check_images(images: Sequence[Image.Image]) -> None:
 
 
 class JudgeNet(nn.Module):
-    """Four stride-2 conv stages (64→4 pixels) → flatten → ``embed_dim`` embedding → one linear head per attribute.
+    """Four stride-2 conv stages (64→4 pixels) → flatten → ``embed_dim`` embedding → one linear head per output
+    (reading the embedding and the last two stages' spatial means), plus, with ``pooled``, the two colours of
+    :data:`POOLED_COLOURS` read off the pixels.
 
-    Flattening (not pooling) keeps *where* things are, which the position head needs.
+    Flattening (not pooling) keeps *where* things are, which the position head needs. The colours are attention
+    pools of the input's pixels ``x̄`` (2×2-averaged): with logits ``ℓ_k = Σ_stages up(W_s f_s)`` (local to global
+    context), ``c₁ = Σ_p softmax(ℓ₁)_p x̄_p`` and ``c₂ = Σ_p softmax(ℓ₂ + β‖x̄_p − c₁‖)_p x̄_p`` (β learned: the
+    pattern colour is looked for away from the main one, so the two pools do not collapse onto one colour), then
+    ``ĉ₁ = c₁ + γ₁(c₁ − c₂)``, ``ĉ₂ = c₂ + γ₂(c₂ − c₁)`` with ``γ`` a head (a gradient's end colours lie beyond the
+    pixels' average). The heads learn *where* the colours are; their values come from the pixels, which
+    group-normalised features cannot carry exactly.
     """
 
-    def __init__(self, heads: dict[str, int], widths: Sequence[int] = (32, 64, 64, 64), embed_dim: int = 128,
-                 resolution: int = 64) -> None:
+    def __init__(self, heads: dict[str, int], widths: Sequence[int] = (32, 64, 96, 96), embed_dim: int = 160,
+                 resolution: int = 64, pooled: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -83,35 +109,111 @@ class JudgeNet(nn.Module):
         self.features = nn.Sequential(*layers)
         side = resolution // 2 ** len(widths)
         self.embed = nn.Linear(c_in * side * side, embed_dim)
-        self.heads = nn.ModuleDict({name: nn.Linear(embed_dim, n) for name, n in heads.items()})
+        head_in = embed_dim + sum(widths[-2:])  # heads also see the last two stages' spatial means (texture stats)
+        self.heads = nn.ModuleDict({name: nn.Linear(head_in, n) for name, n in heads.items()})
+        self.pooled = pooled
+        if pooled:
+            self.pool_logits = nn.ModuleList([nn.Conv2d(c, 2, 1) for c in widths])
+            self.contrast = nn.Parameter(torch.tensor(4.0))  # β
+            self.extrapolate = nn.Linear(head_in, 2)  # γ
+            nn.init.zeros_(self.extrapolate.weight)
+            nn.init.zeros_(self.extrapolate.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        h = self.features(x).flatten(1)  # [B, C·s·s]
-        e = self.embed(h)  # [B, D] — the feature for distribution metrics (pre-activation)
-        a = F.silu(e)
-        return e, {name: head(a) for name, head in self.heads.items()}
+        stages, h = [], x
+        for k in range(0, len(self.features), 3):
+            h = self.features[k + 2](self.features[k + 1](self.features[k](h)))
+            stages.append(h)
+        e = self.embed(h.flatten(1))  # [B, D] — the feature for distribution metrics (pre-activation)
+        a = torch.cat([F.silu(e), stages[-2].mean((2, 3)), stages[-1].mean((2, 3))], 1)  # [B, D + C₃ + C₄]
+        out = {name: head(a) for name, head in self.heads.items()}
+        if self.pooled:
+            size = stages[0].shape[-2:]  # R/2 × R/2
+            logits = sum(F.interpolate(conv(f), size=size, mode="nearest") for conv, f in zip(self.pool_logits, stages))
+            logits = logits.flatten(2)  # [B, 2, P]
+            pixels = F.avg_pool2d(x, 2).flatten(2)  # [B, 3, P]
+            c1 = torch.einsum("bp,bcp->bc", torch.softmax(logits[:, 0], -1), pixels)  # [B, 3]
+            far = (pixels - c1[:, :, None]).norm(dim=1)  # [B, P]
+            c2 = torch.einsum("bp,bcp->bc", torch.softmax(logits[:, 1] + self.contrast * far, -1), pixels)
+            g = self.extrapolate(a)  # [B, 2]
+            out[POOLED_COLOURS[0]] = (c1 + g[:, :1] * (c1 - c2)).clamp(-1, 1)
+            out[POOLED_COLOURS[1]] = (c2 + g[:, 1:] * (c2 - c1)).clamp(-1, 1)
+        return e, out
 
 
 @dataclass
 class JudgeConfig:
-    attributes: dict[str, list[str]] = field(
-        default_factory=lambda: {n: list(ATTRIBUTE_VALUES[n]) for n in ATTRIBUTE_NAMES})
-    widths: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
-    embed_dim: int = 128
+    attributes: dict[str, list[str]] = field(default_factory=lambda: {n: list(v) for n, v in JUDGE_ATTRIBUTES.items()})
+    regressions: dict[str, int] = field(default_factory=lambda: dict(JUDGE_REGRESSIONS))
+    widths: list[int] = field(default_factory=lambda: [32, 64, 96, 96])
+    embed_dim: int = 160
     resolution: int = 64
     accuracy: dict[str, float] = field(default_factory=dict)
+    training: dict[str, float | int | str] = field(default_factory=dict)
+    heldout: dict[str, float | int] = field(default_factory=dict)
     nullbooth_version: str = __version__
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What the judge reads off ``n`` images: every categorical head (``labels``, ``proba``) and the open palette.
+
+    ``colour`` / ``pattern_colour``: sRGB ``[n, 3]`` float64 in 0–255 (for :data:`SYMMETRIC_KINDS` the two form
+    an unordered pair); ``period``: fraction of the image side ``[n]``; ``angle``: degrees in
+    ``[0, P_kind)`` of the judged kind ``[n]``; both NaN for kinds without a period / an angle.
+    """
+
+    labels: dict[str, list[str]]
+    proba: dict[str, np.ndarray]
+    colour: np.ndarray
+    pattern_colour: np.ndarray
+    period: np.ndarray
+    angle: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.colour.shape[0])
+
+
+def rgb_from_output(y: np.ndarray) -> np.ndarray:
+    """Head output in [-1, 1] → sRGB 0–255 (clipped)."""
+    return np.clip((np.asarray(y, np.float64) + 1.0) * 127.5, 0.0, 255.0)
+
+
+def angle_from_output(cs: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
+    """``(cos, sin)(2π·angle / P_kind)`` → degrees in ``[0, P_kind)``; NaN for kinds without an angle."""
+    cs = np.asarray(cs, np.float64)
+    turn = np.mod(np.arctan2(cs[:, 1], cs[:, 0]) / (2 * math.pi), 1.0)  # [n] in [0, 1)
+    period = np.array([ORIENTED_KINDS.get(k, np.nan) for k in kinds], np.float64)
+    return turn * period
+
+
+def colour_pair_errors(colour, pattern_colour, ref_colour, ref_pattern_colour, symmetric
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sRGB Euclidean errors of (main, pattern) colours ``[n, 3]`` against references ``[n, 3]`` (or ``[3]``).
+
+    Where ``symmetric`` (``[n]`` bool, or one bool) the pair is unordered: the assignment with the smaller worse
+    error wins. Returns the main and the pattern error ``[n]`` and whether the pair was swapped ``[n]``.
+    """
+    c, p = np.asarray(colour, np.float64), np.asarray(pattern_colour, np.float64)
+    rc, rp = np.asarray(ref_colour, np.float64), np.asarray(ref_pattern_colour, np.float64)
+    direct = (np.linalg.norm(c - rc, axis=-1), np.linalg.norm(p - rp, axis=-1))
+    crossed = (np.linalg.norm(c - rp, axis=-1), np.linalg.norm(p - rc, axis=-1))
+    swap = np.asarray(symmetric, bool) & (np.maximum(*crossed) < np.maximum(*direct))
+    return np.where(swap, crossed[0], direct[0]), np.where(swap, crossed[1], direct[1]), swap
+
+
 class Judge:
-    """Attribute classifier and feature extractor (the offline default for :mod:`nullbooth.eval.metrics`)."""
+    """Attribute reader and feature extractor (the offline default for :mod:`nullbooth.eval.metrics`)."""
 
     name = "judge"
 
     def __init__(self, config: JudgeConfig | None = None, net: JudgeNet | None = None) -> None:
         self.config = config or JudgeConfig()
         c = self.config
-        self.net = net or JudgeNet({k: len(v) for k, v in c.attributes.items()}, c.widths, c.embed_dim, c.resolution)
+        pooled = all(k in c.regressions for k in POOLED_COLOURS)
+        heads = {**{k: len(v) for k, v in c.attributes.items()},
+                 **{k: n for k, n in c.regressions.items() if not (pooled and k in POOLED_COLOURS)}}
+        self.net = net or JudgeNet(heads, c.widths, c.embed_dim, c.resolution, pooled)
         self.net.eval()
 
     # -- tensors ------------------------------------------------------------------------------------------
@@ -130,15 +232,22 @@ class Judge:
         return x.permute(0, 3, 1, 2).contiguous()
 
     @torch.no_grad()
-    def _run(self, images: Sequence[Image.Image], batch: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _run(self, images: Sequence[Image.Image], batch: int = 256
+             ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Embeddings, class probabilities per categorical head, raw outputs per regression head."""
         x = self.to_tensor(images)
-        embs, probs = [], {k: [] for k in self.config.attributes}
+        embs: list[np.ndarray] = []
+        probs: dict[str, list[np.ndarray]] = {k: [] for k in self.config.attributes}
+        raw: dict[str, list[np.ndarray]] = {k: [] for k in self.config.regressions}
         for s in range(0, x.shape[0], batch):
-            e, logits = self.net(x[s:s + batch])
+            e, out = self.net(x[s:s + batch])
             embs.append(e.double().numpy())
-            for k, v in logits.items():
-                probs[k].append(torch.softmax(v.double(), -1).numpy())
-        return np.concatenate(embs), {k: np.concatenate(v) for k, v in probs.items()}
+            for k in probs:
+                probs[k].append(torch.softmax(out[k].double(), -1).numpy())
+            for k in raw:
+                raw[k].append(out[k].double().numpy())
+        return (np.concatenate(embs), {k: np.concatenate(v) for k, v in probs.items()},
+                {k: np.concatenate(v) for k, v in raw.items()})
 
     # -- public -------------------------------------------------------------------------------------------
 
@@ -152,7 +261,26 @@ class Judge:
 
     def predict(self, images: Sequence[Image.Image]) -> dict[str, list[str]]:
         """Per attribute, the most likely value of each image."""
-        return {k: [self.config.attributes[k][i] for i in p.argmax(1)] for k, p in self.predict_proba(images).items()}
+        return self._labels(self.predict_proba(images))
+
+    def _labels(self, proba: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        return {k: [self.config.attributes[k][i] for i in p.argmax(1)] for k, p in proba.items()}
+
+    def read(self, images: Sequence[Image.Image]) -> Reading:
+        """Everything at once, the open palette in natural units (see :class:`Reading`)."""
+        missing = set(JUDGE_REGRESSIONS) - set(self.config.regressions)
+        if missing or "pattern_kind" not in self.config.attributes:
+            raise NullBoothError("expected a judge with open-palette heads (rgb, pattern_rgb, log_period, angle, "
+                                 "pattern_kind), got an older judge without them; retrain it with: "
+                                 "python scripts/train_judge.py")
+        _, proba, raw = self._run(images)
+        labels = self._labels(proba)
+        kinds = labels["pattern_kind"]
+        periodic = np.array([k in PERIODIC_KINDS for k in kinds])
+        return Reading(labels=labels, proba=proba, colour=rgb_from_output(raw["rgb"]),
+                       pattern_colour=rgb_from_output(raw["pattern_rgb"]),
+                       period=np.where(periodic, np.exp(raw["log_period"][:, 0]), np.nan),
+                       angle=angle_from_output(raw["angle"], kinds))
 
     def save(self, folder: str | Path) -> Path:
         """``judge.safetensors`` (fp16 weights: the judge is shipped) + ``judge.json``."""
@@ -177,6 +305,7 @@ class Judge:
             )
         raw = read_json(cfg_path, f"a judge config ({JUDGE_CONFIG})")
         known = set(JudgeConfig.__dataclass_fields__)
+        raw.setdefault("regressions", {})  # a config without the key: categorical heads only (read() refuses)
         try:
             judge = cls(JudgeConfig(**{k: v for k, v in raw.items() if k in known}))
             tensors, _ = load_tensors(w_path, f"judge weights ({JUDGE_WEIGHTS})")
@@ -204,126 +333,6 @@ def shape_colour_match(judge: Judge, images: Sequence[Image.Image], prompts: Seq
     n = len(want)
     return {"n": n, "shape": sum(shape) / n, "colour": sum(colour) / n,
             "shape_and_colour": sum(s and c for s, c in zip(shape, colour)) / n}
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, 3, H, W]`` (reflect padding)."""
-    if sigma <= 0:
-        return x
-    radius = max(1, int(round(2.5 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Degrade clean renders the way generations are degraded: blur, noise, colour/contrast drift.
-
-    Applied per chunk of 16 images so blur kernels stay batched.
-    """
-    out = []
-    for chunk in x.split(16):
-        u = torch.rand(6, generator=gen)
-        y = _gaussian_blur(chunk, float(u[0]) * 1.3 if u[1] < 0.7 else 0.0)
-        b = chunk.shape[0]
-        gain = 1 + (torch.rand(b, 3, 1, 1, generator=gen) - 0.5) * 0.16  # ±8 % per channel
-        shift = (torch.rand(b, 3, 1, 1, generator=gen) - 0.5) * 0.16
-        y = y * gain + shift
-        y = y + torch.randn(y.shape, generator=gen) * float(u[2]) * 0.08
-        out.append(y.clamp(-1, 1))
-    return torch.cat(out)
-
-
-def _render_set(world: World, pattern_world: World, n: int, seed: int, pattern_frac: float):
-    """Clean renders ``[n, 3, R, R]`` in [-1, 1] and integer labels per attribute (all shape × colour pairs)."""
-    rng = np.random.default_rng([seed, 17])
-    res = world.config.resolution
-    x = np.empty((n, res, res, 3), np.uint8)
-    labels = {k: np.empty(n, np.int64) for k in ATTRIBUTE_NAMES}
-    for i in range(n):
-        w = pattern_world if rng.random() < pattern_frac else world
-        a = w.sample_attributes(rng, "all")
-        # Stripe/dot period and angle vary so the pattern head reads textures of any scale (the subject's stripes
-        # are twice as wide as the world's default ones; a judge trained on one period called them "solid").
-        texture = {} if a.pattern == "solid" else {"pattern_period": float(rng.uniform(0.07, 0.18)) * res,
-                                                   "pattern_angle": float(rng.uniform(0, 180))}
-        x[i] = np.asarray(w.render(a, **texture))
-        for k, v in a.labels().items():
-            labels[k][i] = v
-    xt = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
-    return xt, {k: torch.from_numpy(v) for k, v in labels.items()}
-
-
-def accuracy(judge: Judge, x: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per-attribute accuracy of ``judge`` on tensors ``x`` (in [-1, 1])."""
-    correct = {k: 0 for k in labels}
-    with torch.no_grad():
-        for s in range(0, x.shape[0], 512):
-            _, logits = judge.net(x[s:s + 512])
-            for k in labels:
-                correct[k] += int((logits[k].argmax(1) == labels[k][s:s + 512]).sum())
-    return {k: correct[k] / x.shape[0] for k in labels}
-
-
-def train_judge(n_train: int = 20000, n_test: int = 4000, epochs: int = 4, batch: int = 128, lr: float = 3e-3,
-                seed: int = 0, resolution: int = 64, pattern_frac: float = 0.3,
-                max_seconds: float | None = None) -> tuple[Judge, dict[str, float]]:
-    """Train a judge on fresh renders; return it with its per-attribute accuracy on held-out renders.
-
-    The test renders use a different seed and are augmented like the training ones (so the number is
-    the accuracy on degraded images, the harder case); they include the held-out shape × colour pairs.
-    """
-    world = World(WorldConfig(resolution=resolution))
-    pattern_world = World(WorldConfig(resolution=resolution, pattern_prob=1.0))
-    t0 = time.monotonic()
-    x, y = _render_set(world, pattern_world, n_train, seed, pattern_frac)
-    xt, yt = _render_set(world, pattern_world, n_test, seed + 1, pattern_frac)
-    log.info("rendered %d + %d images in %.1fs", n_train, n_test, time.monotonic() - t0)
-    gen = torch.Generator().manual_seed(seed)
-    xt_aug = augment(xt, torch.Generator().manual_seed(seed + 1))
-
-    torch.manual_seed(seed)
-    judge = Judge(JudgeConfig(resolution=resolution))
-    net = judge.net
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (n_train // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
-    step = 0
-    net.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(n_train, generator=gen)
-        for s in range(0, n_train - batch + 1, batch):
-            idx = perm[s:s + batch]
-            xb = augment(x[idx], gen)  # [B, 3, R, R]
-            _, logits = net(xb)
-            loss = sum(F.cross_entropy(logits[k], y[k][idx]) for k in logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
-                break
-        net.eval()
-        acc = accuracy(judge, xt_aug, yt)
-        net.train()
-        log.info("epoch %d  loss %.4f  test acc %s  (%.0fs)", epoch, float(loss),
-                 {k: round(v, 4) for k, v in acc.items()}, time.monotonic() - t0)
-        if max_seconds is not None and time.monotonic() - t0 > max_seconds:
-            break
-    net.eval()
-    acc_aug = accuracy(judge, xt_aug, yt)
-    acc_clean = accuracy(judge, xt, yt)
-    judge.config.accuracy = {**{f"{k}": v for k, v in acc_aug.items()},
-                             **{f"{k}_clean": v for k, v in acc_clean.items()}}
-    return judge, acc_aug
 
 
 # --------------------------------------------------------------------------------- transformers extractors

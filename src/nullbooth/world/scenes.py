@@ -10,26 +10,25 @@ rich enough to forget things in: shape × colour × position × size × backgrou
 templates. Some shape × colour pairs (:data:`HELD_OUT_PAIRS`) never occur in the ``"train"`` split,
 so a model trained on it can be tested on compositions it never saw captioned together.
 
-The personalisation subject (:func:`subject_instances`) is a distinctive instance of a known class:
-one particular star with diagonal teal and pink stripes — a texture and colours the base world never shows.
+Personalisation subjects live in :mod:`nullbooth.world.subjects`; shapes and textures are drawn by
+:mod:`nullbooth.world.textures`.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from nullbooth.errors import NullBoothError
+from nullbooth.world.textures import WORLD_SHAPES, Texture, render_texture, shape_mask
 
 Split = Literal["train", "heldout", "all"]
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+SHAPES: tuple[str, ...] = WORLD_SHAPES
 # sRGB values chosen far apart so a blurry generation is still unambiguous.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -164,62 +163,10 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------- geometry
+# ---------------------------------------------------------------------------------------------- drawing
 
-
-def _shape_polygon(shape: str, cx: float, cy: float, r: float, rotation_deg: float) -> list[tuple[float, float]] | None:
-    """Vertices of ``shape`` (None for the circle) with circumradius ``r``; areas are roughly equalised."""
-    rot = math.radians(rotation_deg)
-
-    def ring(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        c, s = math.cos(rot), math.sin(rot)
-        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
-
-    if shape == "circle":
-        return None
-    if shape == "square":
-        h = r * 0.82
-        return ring([(-h, -h), (h, -h), (h, h), (-h, h)])
-    if shape == "triangle":
-        # Equilateral, apex up; centred on its centroid so the pixel centroid is (cx, cy).
-        rr = r * 1.15
-        return ring([(rr * math.cos(a), rr * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
-    if shape == "star":
-        rr, inner = r * 1.15, r * 1.15 * 0.45
-        pts = []
-        for k in range(10):
-            a = -math.pi / 2 + k * math.pi / 5
-            rad = rr if k % 2 == 0 else inner
-            pts.append((rad * math.cos(a), rad * math.sin(a)))
-        return ring(pts)
-    if shape == "cross":
-        a, w = r * 0.95, r * 0.34
-        return ring([(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a),
-                     (-w, w), (-a, w), (-a, -w), (-w, -w)])
-    raise NullBoothError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
-
-
-def _pattern_layer(pattern: str, side: int, base: tuple[int, int, int], accent: tuple[int, int, int],
-                   period: float, angle_deg: float) -> Image.Image:
-    """A full-frame RGB texture: solid ``base``, diagonal stripes or a dot lattice in ``accent``."""
-    if pattern == "solid":
-        return Image.new("RGB", (side, side), base)
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float64)
-    a = math.radians(angle_deg)
-    u = xx * math.cos(a) + yy * math.sin(a)
-    if pattern == "striped":
-        mask = (np.floor(u / (period / 2)) % 2) == 1
-    elif pattern == "dotted":
-        v = -xx * math.sin(a) + yy * math.cos(a)
-        du = (u % period) - period / 2
-        dv = (v % period) - period / 2
-        mask = du**2 + dv**2 <= (period * 0.28) ** 2
-    else:
-        raise NullBoothError(f"unknown pattern {pattern!r}; known patterns: {', '.join(PATTERNS)}")
-    out = np.empty((side, side, 3), np.uint8)
-    out[:] = base
-    out[mask] = accent
-    return Image.fromarray(out)
+# World pattern words → texture kinds of :mod:`nullbooth.world.textures`.
+_TEXTURE_KIND = {"solid": "solid", "striped": "stripes", "dotted": "dots"}
 
 
 def _rgb(name: str) -> tuple[int, int, int]:
@@ -320,19 +267,11 @@ class World:
         side = res * ss
         k = scale * ss
         canvas = Image.new("RGB", (side, side), BACKGROUNDS[attrs.background])
-        mask = Image.new("L", (side, side), 0)
-        draw = ImageDraw.Draw(mask)
-        cx, cy, r = attrs.cx * k, attrs.cy * k, attrs.radius * k
-        poly = _shape_polygon(attrs.shape, cx, cy, r, attrs.rotation)
-        if poly is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            draw.polygon(poly, fill=255)
         period = (pattern_period if pattern_period is not None else 0.09 * self.config.resolution) * k
-        texture = _pattern_layer(attrs.pattern, side, _rgb(attrs.colour),
-                                 _rgb(attrs.pattern_colour) if attrs.pattern_colour else _rgb(attrs.colour),
-                                 period, pattern_angle)
-        canvas.paste(texture, (0, 0), mask)
+        accent = _rgb(attrs.pattern_colour) if attrs.pattern_colour else _rgb(attrs.colour)
+        texture = Texture(_TEXTURE_KIND[attrs.pattern], _rgb(attrs.colour), accent, period, pattern_angle)
+        mask = shape_mask(attrs.shape, side, attrs.cx * k, attrs.cy * k, attrs.radius * k, attrs.rotation)
+        canvas.paste(Image.fromarray(render_texture(texture, side)), (0, 0), mask)
         return canvas.resize((res, res), Image.Resampling.BOX)
 
     # -- words ------------------------------------------------------------------------------------------
@@ -470,107 +409,9 @@ def heldout_prompts(n: int, seed: int = 0, world: World | None = None) -> list[t
     return out
 
 
-def write_prompt_lists(folder: str | Path, n_prior: int = 1000, n_eval: int = 100, seed: int = 0) -> list[Path]:
-    """Write the world's prompt lists as text files (one prompt a line) into ``folder``.
-
-    ``prior_prompts.txt`` (collection of prior knowledge), ``eval_prompts.txt`` (disjoint seeds, for
-    preservation metrics), ``heldout_prompts.txt`` (held-out compositions), ``class_prompts.txt``
-    (the subject's class, for prior preservation) and ``subject_prompts.txt`` (with the identifier).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lists = {
-        "prior_prompts.txt": prior_prompts(n_prior, seed),
-        "eval_prompts.txt": prior_prompts(n_eval, seed + 1_000_003),
-        "heldout_prompts.txt": [p for p, _ in heldout_prompts(n_eval, seed)],
-        "class_prompts.txt": class_prompts(SUBJECT.class_name, n_eval, seed),
-        "subject_prompts.txt": subject_prompts(),
-    }
-    written = []
-    for name, prompts in lists.items():
-        path = folder / name
-        path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-        written.append(path)
-    return written
-
-
-# ------------------------------------------------------------------------------------------------ subject
-
-
-@dataclass(frozen=True)
-class Subject:
-    """The personalisation subject: one particular instance of a known class (a striped star)."""
-
-    class_name: str = "star"
-    colour: str = "teal"
-    pattern: str = "striped"
-    pattern_colour: str = "pink"
-    pattern_period: float = 0.16  # stripe period as a fraction of the image side: bold, VAE-friendly stripes
-    pattern_angle: float = 45.0
-    identifier: str = "sks"
-    # (position, size, background, rotation) of each instance image: varied context, same object.
-    views: tuple[tuple[str, str, str, float], ...] = field(default=(
-        ("center", "large", "white", 0.0),
-        ("left", "large", "gray", -8.0),
-        ("right", "small", "white", 6.0),
-        ("top", "large", "black", 3.0),
-        ("bottom", "small", "gray", -4.0),
-    ))
-
-    @property
-    def description(self) -> str:
-        return f"a {self.class_name} with diagonal {self.colour} and {self.pattern_colour} stripes"
-
-
-SUBJECT = Subject()
-
-
-def subject_attributes(view: int, subject: Subject = SUBJECT, resolution: int = 64) -> Attributes:
-    position, size, background, rotation = subject.views[view % len(subject.views)]
-    fx, fy = POSITIONS[position]
-    return Attributes(
-        shape=subject.class_name, colour=subject.colour, position=position, size=size, background=background,
-        pattern=subject.pattern, pattern_colour=subject.pattern_colour, cx=fx * resolution, cy=fy * resolution,
-        radius=SIZES[size] * resolution, rotation=rotation,
-        mentioned=("shape", "position", "size", "background"),
-    )
-
-
-def render_subject(attrs: Attributes, subject: Subject = SUBJECT, world: World | None = None) -> Image.Image:
-    w = world or World()
-    return w.render(attrs, pattern_period=subject.pattern_period * w.config.resolution,
-                    pattern_angle=subject.pattern_angle)
-
-
-def subject_instances(n: int = 5, subject: Subject = SUBJECT, world: World | None = None) -> list[Image.Image]:
-    """``n`` instance images of the subject (varied position/size/background), as DreamBooth's few shots."""
-    w = world or World()
-    if n < 1:
-        raise NullBoothError(f"need at least 1 subject instance image, asked for {n}")
-    return [render_subject(subject_attributes(i, subject, w.config.resolution), subject, w) for i in range(n)]
-
-
-def subject_prompts(subject: Subject = SUBJECT) -> list[str]:
-    """Prompts that place the subject (``"a sks star on the left"``) — for fidelity evaluation."""
-    ident = f"{subject.identifier} {subject.class_name}"
-    out = [f"a {ident}"]
-    for pos in POSITIONS:
-        out.append(f"a {ident} {_POSITION_WORDS[pos][0]}")
-    for bg in BACKGROUNDS:
-        out.append(f"a {ident}, {bg} background")
-    return out
-
-
-def class_prompts(class_name: str = "star", n: int = 100, seed: int = 0, world: World | None = None) -> list[str]:
-    """Prompts naming the subject's class in world wording (for prior preservation and drift checks)."""
-    w = world or World()
-    base = [f"a {class_name}"]
-    base += [w.prompt(seed, i, "train", shape=class_name)[0] for i in range(max(n - 1, 0))]
-    return base[:n]
-
-
-def instance_prompt(subject: Subject = SUBJECT) -> str:
-    return f"a {subject.identifier} {subject.class_name}"
+def position_phrase(position: str) -> str:
+    """The plain wording of a position (``"on the left"``)."""
+    return _POSITION_WORDS[position][0]
 
 
 def with_config(world: World, **changes) -> World:
