@@ -17,7 +17,7 @@ Methods (:data:`VARIANTS`): ``dreambooth`` (full UNet, diffusers' recipe), ``att
 the cross-attention weights, unconstrained), ``lora`` (diffusers' default targets), ``oft`` (peft), ``perfusion``,
 ``nullbooth`` (a null-space threshold, and a certified leakage budget ε). Each method's learning rate comes from the
 committed sweep (``--sweep`` writes ``lr_sweep.json``: every method at each rate of its grid on the first
-``--sweep-subjects`` suite subjects; the rate with the best mean of fidelity and preservation wins).
+``--sweep-subjects`` random suite subjects; the rate with the best mean of fidelity and preservation wins).
 
 Every number is a mean over subjects × training seeds with a 95 % Student-t interval.
 
@@ -283,10 +283,16 @@ def jobs(args, variants: list[Variant], lrs: dict[str, float]) -> list[tuple[Any
     from nullbooth.world.subjects import subject_suite
 
     suite = subject_suite(args.subjects)
-    if args.sweep:
-        return [(s, v, lr, 0) for s in suite[:args.sweep_subjects] for v in variants for lr in v.grid]
+    if args.sweep:  # random subjects only: the rates must not be the star's
+        return [(s, v, lr, 0) for s in sweep_subjects(args) for v in variants for lr in v.grid]
     return [(s, v, lrs.get(v.label, v.grid[len(v.grid) // 2]), seed)
             for s in suite for v in variants for seed in range(args.seeds)]
+
+
+def sweep_subjects(args) -> list:
+    from nullbooth.world.subjects import subject_suite
+
+    return subject_suite(args.subjects)[1:1 + args.sweep_subjects]
 
 
 def run(args) -> None:
@@ -454,7 +460,7 @@ def report(args) -> dict[str, Any]:
     machine = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__}
     if args.sweep:
         result = {"settings": settings, "machine": machine, **sweep_choice(load_rows(work, "sweep")),
-                  "subjects": [s.as_dict() for s in subject_suite(args.subjects)[:args.sweep_subjects]]}
+                  "subjects": [s.as_dict() for s in sweep_subjects(args)]}
         (out / "lr_sweep.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result
     rows = load_rows(work, "main")
@@ -477,7 +483,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1, help="training seeds per subject")
     p.add_argument("--methods", nargs="*", default=None, help="variant labels (default: all of VARIANTS)")
     p.add_argument("--sweep", action="store_true", help="the learning-rate sweep instead of the benchmark")
-    p.add_argument("--sweep-subjects", type=int, default=3)
+    p.add_argument("--sweep-subjects", type=int, default=2, help="the first N random suite subjects")
     p.add_argument("--report", action="store_true", help="only aggregate the rows already in --work")
     p.add_argument("--shard", type=lambda s: tuple(int(x) for x in s.split("/")), default=(0, 1), help="I/N")
     p.add_argument("--instances", type=int, default=5)

@@ -2,7 +2,7 @@
 """Train the shipped judge (``src/nullbooth/data/judge/``): a small CNN reading world attributes and open-palette
 subjects.
 
-    python scripts/train_judge.py                 # ≈ 12 min on one CPU thread
+    python scripts/train_judge.py                 # ≈ 28 CPU-min on one thread
     python scripts/train_judge.py --out /tmp/j --epochs 1 --n-world 2000 --n-subjects 2000   # quick check
 
 It renders fresh ground-truth images (world renders, 30 % striped/dotted, and random subjects of a training
@@ -33,9 +33,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=JUDGE_DIR)
     p.add_argument("--n-world", type=int, default=16000)
-    p.add_argument("--n-subjects", type=int, default=24000)
+    p.add_argument("--n-subjects", type=int, default=40000)
     p.add_argument("--n-test", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=9)
+    p.add_argument("--epochs", type=int, default=14)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)

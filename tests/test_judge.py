@@ -142,9 +142,10 @@ def test_shipped_judge_reads_heldout_subjects():
     """200 subjects of the family nothing was tuned on, clean renders in random views."""
     judge = shipped()
     r = heldout_report(judge, n=200, seed=7)
-    # Recorded on 2000: shape 0.994, kind 0.818, colour median 6.2 / pattern 7.9 (the kind target 0.9 is not met).
-    assert r["shape"] >= 0.95 and r["pattern_kind"] >= 0.7, r
-    assert r["colour_error_median"] <= 15 and r["pattern_colour_error_median"] <= 20, r
+    # Recorded on 2000: shape 0.9955, kind 0.92, colour error median 1.3 / pattern 1.6 (0–255); 200 of them vary
+    # by a few points (binomial σ ≈ 2 % for the kind).
+    assert r["shape"] >= 0.95 and r["pattern_kind"] >= 0.85, r
+    assert r["colour_error_median"] <= 5 and r["pattern_colour_error_median"] <= 5, r
     recorded = judge.config.heldout
-    assert recorded["family"] == HELDOUT_SEED and recorded["n"] >= 1000
-    assert judge.config.training["cpu_seconds"] <= 15 * 60
+    assert recorded["family"] == HELDOUT_SEED and recorded["n"] >= 1000 and recorded["pattern_kind"] >= 0.9
+    assert judge.config.training["cpu_seconds"] <= 30 * 60
