@@ -477,7 +477,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-sd")
     p.add_argument("--subjects", type=int, default=8, help="random suite subjects (plus the striped star)")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--checkpoints", type=int, default=2, help="evenly spaced checkpoints scored along training")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="training seeds per subject")
