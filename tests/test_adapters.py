@@ -47,9 +47,9 @@ def orthonormal(d: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def unet_inputs(pipe, seed: int = 0):
-    """One fixed UNet call: latents [1,4,16,16] (small, for speed), t = 500, text encodings [1,77,128]."""
+    """One fixed UNet call: latents [1,C,16,16] (small, for speed), t = 500, text encodings [1,77,128]."""
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 4, 16, 16, generator=g)
+    latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=g)
     ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         text = pipe.text_encoder(ids)[0]

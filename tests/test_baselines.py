@@ -79,7 +79,7 @@ def trained(world, tiny_pipe):
 @torch.no_grad()
 def unet_out(pipe) -> torch.Tensor:
     ids = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    x = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, pipe.unet.config.in_channels, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
     return pipe.unet(x, torch.tensor([500, 500]), pipe.text_encoder(ids)[0]).sample
 
 

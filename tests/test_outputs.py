@@ -48,7 +48,7 @@ def run(world, out: str, **top):
 @torch.no_grad()
 def unet_out(pipe) -> torch.Tensor:
     ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    x = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, pipe.unet.config.in_channels, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
     return pipe.unet(x, torch.tensor([500]), pipe.text_encoder(ids)[0]).sample
 
 

@@ -332,7 +332,7 @@ def test_key_output_at_concept_token_equals_superclass_key(pipe, tiny_C):
 
 def _train_step(pipe, prompts=(f"a photo of a {TOKEN}", "a photo of a dog")):
     ids, enc = _encode(pipe, list(prompts))  # one text-encoder call: a concept row and a prior row
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     pred = pipe.unet(x, torch.tensor([10, 500]), enc).sample
     pred.pow(2).mean().backward()
     return enc, pred.detach()
@@ -410,7 +410,7 @@ def test_save_load_roundtrip_and_multi_concept(pipe, tiny_C, tmp_path):
     assert meta["token"] == TOKEN and meta["superclass"] == SUPER and json.loads(meta["layers"]) == [[n, w] for n, w in widths.items()]
     with torch.no_grad(), editor.context():
         ids, enc = _encode(pipe, [f"a {TOKEN} in a box"])
-        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+        x = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(2))
         ref = pipe.unet(x, torch.tensor([300]), enc).sample
     state = editor.concept_state()
     editor.detach()
@@ -471,7 +471,7 @@ def test_clip_skip_encodings_and_unmatched_warning(pipe, tiny_C):
     """An SD pipeline with clip_skip feeds final_layer_norm(hidden_states[-2]); it must be recognised."""
     editor = _attach(pipe, tiny_C)
     _perturb(editor)
-    te, x, t = pipe.text_encoder, torch.randn(1, 4, 8, 8), torch.tensor([5])
+    te, x, t = pipe.text_encoder, torch.randn(1, pipe.unet.config.in_channels, 8, 8), torch.tensor([5])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # no "nothing matched" warning
         with editor.context():

@@ -62,7 +62,7 @@ def outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
     pipe.unet.eval()
     ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
     text = pipe.text_encoder(ids)[0]
-    x = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, pipe.unet.config.in_channels, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
     return text, pipe.unet(x, torch.tensor([500]), text).sample
 
 
@@ -160,7 +160,7 @@ def test_lora_dropout_acts_in_train_mode_only(world):
             for layer in peft_lora_layers(model).values():  # B starts at 0: give the branch something to drop
                 layer.lora_B["default"].weight.copy_(torch.randn(layer.lora_B["default"].weight.shape, generator=g))
     ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    x = torch.randn(1, 4, RES // 2, RES // 2, generator=g)
+    x = torch.randn(1, pipe.unet.config.in_channels, RES // 2, RES // 2, generator=g)
     text = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=g)
     for model, call in ((pipe.unet, lambda: pipe.unet(x, torch.tensor([500]), text).sample),
                         (pipe.text_encoder, lambda: pipe.text_encoder(ids)[0])):

@@ -146,7 +146,7 @@ def test_null_space_updates_stay_under_their_bound_and_dreambooth_does_not(train
 def unet_out(pipe, prompt: str) -> torch.Tensor:
     ids = pipe.tokenizer([prompt, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     text = pipe.text_encoder(ids)[0]  # [2, 77, d]
-    x = torch.randn(2, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, pipe.unet.config.in_channels, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
     return pipe.unet(x, torch.tensor([500, 500]), text).sample
 
 
