@@ -68,7 +68,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("dreambooth", "dreambooth", {}, (1e-4, 3e-4, 1e-3)),
     Variant("attn2_finetune", "attn2_finetune", {}, (1e-3, 3e-3, 1e-2)),
     Variant("lora", "lora", {"lora_rank": 4}, (1e-3, 3e-3, 1e-2)),
-    Variant("oft", "oft", {}, (1e-3, 3e-3, 1e-2)),
+    # OFT rotates every attention input: at 1e-3 it already lost half the base model's answers (the first sweep).
+    Variant("oft", "oft", {}, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)),
     Variant("perfusion", "perfusion", {}, (1e-2, 3e-2, 1e-1)),  # o*_V's rate; the paper's 0.03 in the middle
     Variant("nullbooth relative 1e-3", "nullbooth",
             {"nullbooth": {"nullspace_mode": "relative", "nullspace_threshold": 1e-3}}, (1e-3, 3e-3, 1e-2)),
@@ -271,6 +272,8 @@ def stats_run_for(args, inputs: Inputs, scorer: Scorer, variants: list[Variant])
     if nullbooth is None:
         return None
     marker = Path(args.work) / "stats_run.txt"
+    while args.shard[0] != 0 and not marker.is_file():  # shard 0 collects; the others wait for its run
+        time.sleep(5)
     if marker.is_file():
         return Path(marker.read_text().strip())
     cfg = train_config(args, inputs, SUBJECT, nullbooth, 1e-3, 0, Path(args.work) / "collect", None)
@@ -464,7 +467,10 @@ def report(args) -> dict[str, Any]:
         (out / "lr_sweep.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result
     rows = load_rows(work, "main")
-    result = {"settings": settings, "machine": machine, "subjects": [s.as_dict() for s in subject_suite(args.subjects)],
+    trained = {r["subject"] for r in rows if r["method"] != "base"}
+    rows = [r for r in rows if r["subject"] in trained]  # a stopped run: only the subjects every row is about
+    result = {"settings": settings, "machine": machine,
+              "subjects": [s.as_dict() for s in subject_suite(args.subjects) if s.name in trained],
               **aggregate(rows), "rows": rows}
     (out / "suite.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "suite.md").write_text(to_markdown(result), encoding="utf-8")

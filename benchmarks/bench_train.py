@@ -232,7 +232,7 @@ def interleaved_steps(args: argparse.Namespace, inputs: dict[str, str], root: Pa
         ids = pipe.tokenizer([inputs["instance_prompt"]] * args.batch, padding="max_length", max_length=77,
                              return_tensors="pt").input_ids.to(device())
         text = pipe.text_encoder(ids)[0]  # [B, 77, d], identical in every copy (text encoder untouched)
-    latents = torch.randn(args.batch, 4, size, size, generator=g, device=device())
+    latents = torch.randn(args.batch, pipe.unet.config.in_channels, size, size, generator=g, device=device())
     noise = torch.randn(latents.shape, generator=g, device=device())
     t = torch.randint(0, 1000, (args.batch,), generator=g, device=device())
     times: dict[str, list[float]] = {m: [] for m in METHODS}
