@@ -122,14 +122,12 @@ def vae_batch(world: World, rng: np.random.Generator, n: int, pattern_world: Wor
 def subject_psnr(vae, seed: int, n_subjects: int = 40) -> dict:
     """PSNR (dB, per image, then median and 5th percentile) of posterior-mode reconstructions of every view of
     ``n_subjects`` random subjects of family ``seed`` — the VAE gate's family, never trained on."""
-    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for i in range(n_subjects)
-                                   for im in subject_instances(5, random_subject(seed, i))]) / 127.5 - 1.0)
-    x = x.permute(0, 3, 1, 2).contiguous()
-    x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    mse = ((x_hat - x) / 2).pow(2).flatten(1).mean(1).double()
-    psnr = (-10 * torch.log10(mse)).numpy()
-    return {"psnr_median_db": float(np.median(psnr)), "psnr_p05_db": float(np.percentile(psnr, 5)),
-            "psnr_min_db": float(psnr.min()), "images": int(len(psnr))}
+    from vae_gate import psnr, reconstruct  # scripts/vae_gate.py, beside this script
+
+    views = [im for i in range(n_subjects) for im in subject_instances(5, random_subject(seed, i))]
+    values = np.array([psnr(a, b) for a, b in zip(views, reconstruct(vae, views))])
+    return {"psnr_median_db": float(np.median(values)), "psnr_p05_db": float(np.percentile(values, 5)),
+            "psnr_min_db": float(values.min()), "images": int(len(values))}
 
 
 def train_vae(vae, world: World, clock: Clock, deadline: float, args) -> dict:

@@ -42,8 +42,8 @@ from nullbooth.world.scenes import (
     World,
     WorldConfig,
 )
-from nullbooth.world.subjects import HELDOUT_SEED, Subject, random_subject
-from nullbooth.world.textures import ORIENTED_KINDS, PATTERN_KINDS, PERIODIC_KINDS, render_texture, shape_mask
+from nullbooth.world.subjects import HELDOUT_SEED, Subject, draw_subject, random_subject
+from nullbooth.world.textures import ORIENTED_KINDS, PATTERN_KINDS, PERIODIC_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,7 @@ def render_view(subject: Subject, rng: np.random.Generator, resolution: int, sup
     fx, fy = np.asarray(POSITIONS[position]) + rng.uniform(-jitter, jitter, size=2)
     cx, cy = fx * side, fy * side
     r = SIZES[size] * side * rng.uniform(1 - size_jitter, 1 + size_jitter)
-    canvas = Image.new("RGB", (side, side), BACKGROUNDS[background])
-    fill = render_texture(subject.texture(side), side, center=(cx, cy), radius=r)
-    mask = shape_mask(subject.shape, side, cx, cy, r, float(rng.uniform(-max_rotation, max_rotation)))
-    canvas.paste(Image.fromarray(fill), (0, 0), mask)
+    canvas = draw_subject(subject, side, cx, cy, r, background, float(rng.uniform(-max_rotation, max_rotation)))
     view = {"position": position, "size": size, "background": background}
     return canvas.resize((resolution, resolution), Image.Resampling.BOX), view
 

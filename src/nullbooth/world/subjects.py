@@ -150,15 +150,21 @@ def subject_suite(n: int = 8, seed: int = SUITE_SEED, with_star: bool = True) ->
 # --------------------------------------------------------------------------------------------------- pixels
 
 
+def draw_subject(subject: Subject, side: int, cx: float, cy: float, r: float, background: str,
+                 rotation: float) -> Image.Image:
+    """``subject`` centred at ``(cx, cy)`` with circumradius ``r`` on a ``side × side`` canvas (all in pixels)."""
+    canvas = Image.new("RGB", (side, side), BACKGROUNDS[background])
+    fill = render_texture(subject.texture(side), side, center=(cx, cy), radius=r)
+    canvas.paste(Image.fromarray(fill), (0, 0), shape_mask(subject.shape, side, cx, cy, r, rotation))
+    return canvas
+
+
 def render_subject(subject: Subject, view: int, resolution: int = 64, supersample: int = 4) -> Image.Image:
     """View ``view`` of ``subject`` (cycling through ``subject.views``), anti-aliased by supersampling."""
     position, size, background, rotation = subject.views[view % len(subject.views)]
     side = resolution * supersample
     fx, fy = POSITIONS[position]
-    cx, cy, r = fx * side, fy * side, SIZES[size] * side
-    canvas = Image.new("RGB", (side, side), BACKGROUNDS[background])
-    fill = render_texture(subject.texture(side), side, center=(cx, cy), radius=r)
-    canvas.paste(Image.fromarray(fill), (0, 0), shape_mask(subject.shape, side, cx, cy, r, rotation))
+    canvas = draw_subject(subject, side, fx * side, fy * side, SIZES[size] * side, background, rotation)
     return canvas.resize((resolution, resolution), Image.Resampling.BOX)
 
 
