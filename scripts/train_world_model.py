@@ -8,8 +8,10 @@ in three stages inside one time budget (CPU time of this process by default, see
 1. VAE: reconstruction (L1 + MSE) with a small KL term, a general-purpose codec: 30 % world images (half of
    them striped or dotted), 70 % the broad distribution of :mod:`nullbooth.world.broad` (any colour, texture,
    shape, outlines, several objects), so any subject is encodable although the base world never shows it.
-2. Latents: a fixed set of world images is encoded once (posterior mean and std); each latent channel is
-   standardised by folding the affine map into the VAE's 1×1 convolutions (``scaling_factor`` = 1).
+2. Latents: a fixed set of world images — and, with ``--n-objects``, captioned objects of the whole space
+   (:mod:`nullbooth.world.objects`: any shape, colour and pattern, worded with the nearest palette name) — is
+   encoded once (posterior mean and std); each latent channel is standardised by folding the affine map into the
+   VAE's 1×1 convolutions (``scaling_factor`` = 1).
 3. UNet + text encoder: the denoising loss ``E_{t, z0, ε} ‖target − f_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, τ_θ(y))‖²``
    with the scheduler's target — ε with Min-SNR-γ weights (Hang et al. 2023) for the shipped SD schedule,
    v = √ᾱ_t ε − √(1−ᾱ_t) z0 for ``--schedule zero-snr`` (Salimans & Ho 2022; Lin et al. 2024) —, 10 % caption
@@ -50,6 +52,7 @@ from nullbooth.filenames import WORLD_MODEL_MARKER
 from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
 from nullbooth.sampling import sample
 from nullbooth.world.broad import broad_image
+from nullbooth.world.objects import OBJECT_SEED, object_arrays
 from nullbooth.world.scenes import (
     World,
     WorldConfig,
@@ -182,18 +185,31 @@ def train_vae(vae, world: World, clock: Clock, deadline: float, args) -> dict:
 
 
 @torch.no_grad()
-def encode_world(vae, world: World, n: int, seed: int, chunk: int = 128):
-    """Render and encode ``n`` training-split images once: posterior mean/std ``[n, 4, h, w]`` + attributes."""
+def encode_images(vae, source, n: int, chunk: int = 128):
+    """Encode ``n`` images of ``source(m, start) → (uint8 [m, H, W, 3], attributes)`` once: posterior mean/std
+    ``[n, C, h, w]`` + attributes."""
     means, stds, attrs = [], [], []
     for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        imgs, _, a = world.arrays(m, seed, "train", start=start)
+        imgs, a = source(min(chunk, n - start), start)
         x = torch.from_numpy(imgs.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
         post = vae.encode(x).latent_dist
         means.append(post.mean.float())
         stds.append(post.std.float())
         attrs.extend(a)
     return torch.cat(means), torch.cat(stds), attrs
+
+
+def training_latents(vae, world: World, n_images: int, n_objects: int, seed: int):
+    """The denoiser's data: ``n_images`` world training-split images and ``n_objects`` captioned objects of the
+    whole space (:mod:`nullbooth.world.objects`), encoded once."""
+    def world_source(m, start):
+        imgs, _, a = world.arrays(m, seed, "train", start=start)
+        return imgs, a
+
+    parts = [encode_images(vae, world_source, n_images)]
+    if n_objects:
+        parts.append(encode_images(vae, lambda m, start: object_arrays(world, m, OBJECT_SEED + seed, start), n_objects))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), [a for p in parts for a in p[2]]
 
 
 @torch.no_grad()
@@ -452,7 +468,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-full-frac", type=float, default=0.4, help="last fraction of the VAE stage on full images")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--n-images", type=int, default=24000, help="encoded training images")
+    p.add_argument("--n-images", type=int, default=24000, help="encoded world training images")
+    p.add_argument("--n-objects", type=int, default=0, help="encoded captioned objects of the whole space")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -477,6 +494,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.minutes = min(args.minutes, 1.0)
         args.n_images = min(args.n_images, 256)
+        args.n_objects = min(args.n_objects, 256)
         args.eval_n = min(args.eval_n, 10)
         args.eval_steps = min(args.eval_steps, 5)
         args.warmup = 10
@@ -525,8 +543,8 @@ def main(argv=None) -> int:
         log.info("vae: %s", vae_info)
     pipe.vae.requires_grad_(False)
 
-    log.info("stage 2: encoding %d images", args.n_images)
-    means, stds, attrs = encode_world(pipe.vae, world, args.n_images, seed=args.seed)
+    log.info("stage 2: encoding %d world images and %d objects", args.n_images, args.n_objects)
+    means, stds, attrs = training_latents(pipe.vae, world, args.n_images, args.n_objects, seed=args.seed)
     if args.init is None:  # a resumed model is standardised already
         m, sd = means.mean(dim=(0, 2, 3)), means.std(dim=(0, 2, 3))  # per channel, [C]
         log.info("latent channel means %s stds %s → standardised into the VAE", m.tolist(), sd.tolist())
