@@ -18,7 +18,14 @@ import numpy as np
 from PIL import Image
 
 from nullbooth.world.scenes import ACCENT_COLOURS, BACKGROUNDS, COLOURS, POSITIONS, SIZES, Attributes, World
-from nullbooth.world.subjects import MIN_BACKGROUND_DISTANCE, MIN_PATTERN_CONTRAST, PERIOD_RANGE, Subject, draw_subject
+from nullbooth.world.subjects import (
+    MIN_BACKGROUND_DISTANCE,
+    MIN_PATTERN_CONTRAST,
+    PERIOD_RANGE,
+    Subject,
+    distinct_colour,
+    draw_subject,
+)
 from nullbooth.world.textures import ALL_SHAPES, PATTERN_KINDS, RGB
 
 OBJECT_SEED = 31_000_007
@@ -42,13 +49,6 @@ def colour_name(rgb: RGB) -> str:
     return names[int(np.argmin(d))]
 
 
-def _colour(rng: np.random.Generator, away_from: list[RGB], margin: float) -> RGB:
-    while True:
-        c = tuple(int(v) for v in rng.integers(0, 256, size=3))
-        if all(np.linalg.norm(np.subtract(c, o, dtype=np.float64)) >= margin for o in away_from):
-            return c  # type: ignore[return-value]
-
-
 def random_object(world: World, seed: int, index: int) -> tuple[Image.Image, Attributes]:
     """Object ``index`` of family ``seed``: its image (world resolution) and its worded attributes.
 
@@ -60,11 +60,11 @@ def random_object(world: World, seed: int, index: int) -> tuple[Image.Image, Att
     held = set(cfg.held_out)
     shape = str(rng.choice(ALL_SHAPES))
     while True:
-        colour = _colour(rng, list(BACKGROUNDS.values()), MIN_BACKGROUND_DISTANCE)
+        colour = distinct_colour(rng, list(BACKGROUNDS.values()), MIN_BACKGROUND_DISTANCE)
         if (shape, colour_name(colour)) not in held:
             break
     kind = str(rng.choice(PATTERN_KINDS))
-    accent = _colour(rng, [colour], MIN_PATTERN_CONTRAST) if kind != "solid" else None
+    accent = distinct_colour(rng, [colour], MIN_PATTERN_CONTRAST) if kind != "solid" else None
     subject = Subject(shape=shape, colour=colour, pattern=kind, pattern_colour=accent,
                       pattern_period=float(rng.uniform(*PERIOD_RANGE)), pattern_angle=float(rng.uniform(0.0, 180.0)),
                       name=f"o{seed}-{index}")

@@ -111,7 +111,7 @@ def _distance(a: RGB, b: RGB) -> float:
     return float(np.linalg.norm(np.subtract(a, b, dtype=np.float64)))
 
 
-def _colour(rng: np.random.Generator, away_from: list[RGB], margin: float) -> RGB:
+def distinct_colour(rng: np.random.Generator, away_from: list[RGB], margin: float) -> RGB:
     """A uniform sRGB colour at least ``margin`` from each of ``away_from`` (rejection sampling)."""
     while True:
         c = tuple(int(v) for v in rng.integers(0, 256, size=3))
@@ -124,8 +124,8 @@ def random_subject(seed: int, index: int, shape: str | None = None, pattern: str
     rng = np.random.default_rng([int(seed), int(index)])
     shape = shape or str(rng.choice(ALL_SHAPES))
     pattern = pattern or str(rng.choice(PATTERN_KINDS))
-    colour = _colour(rng, list(BACKGROUNDS.values()), MIN_BACKGROUND_DISTANCE)
-    accent = _colour(rng, [colour], MIN_PATTERN_CONTRAST) if pattern != "solid" else None
+    colour = distinct_colour(rng, list(BACKGROUNDS.values()), MIN_BACKGROUND_DISTANCE)
+    accent = distinct_colour(rng, [colour], MIN_PATTERN_CONTRAST) if pattern != "solid" else None
     period = float(rng.uniform(*PERIOD_RANGE))
     angle = float(rng.uniform(0.0, 180.0))
     return Subject(shape=shape, colour=colour, pattern=pattern, pattern_colour=accent, pattern_period=round(period, 3),
