@@ -42,11 +42,13 @@ PATTERN_WORDS: dict[str, str] = {"solid": "solid", "stripes": "striped", "dots":
                                  "gradient": "fading", "noise": "mottled"}
 
 
+_NAMES = list(PALETTE)
+_VALUES = np.asarray([PALETTE[n] for n in _NAMES], np.float64)  # [names, 3]
+
+
 def colour_name(rgb: RGB) -> str:
     """The :data:`PALETTE` name nearest to ``rgb`` (sRGB Euclidean distance)."""
-    names = list(PALETTE)
-    d = np.linalg.norm(np.asarray([PALETTE[n] for n in names], np.float64) - np.asarray(rgb, np.float64), axis=1)
-    return names[int(np.argmin(d))]
+    return _NAMES[int(np.argmin(np.linalg.norm(_VALUES - np.asarray(rgb, np.float64), axis=1)))]
 
 
 def random_object(world: World, seed: int, index: int) -> tuple[Image.Image, Attributes]:
