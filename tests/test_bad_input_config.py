@@ -397,6 +397,37 @@ def test_a_killed_writer_leaves_the_previous_file_and_a_removable_temporary(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["c.npy"] and target.read_bytes() == before
 
 
+@pytest.mark.parametrize("has_syncfs", [True, False])
+def test_writes_synced_at_exit_fsync_once_at_the_end_and_not_after_an_error(tmp_path, monkeypatch, has_syncfs):
+    import os
+
+    import nullbooth.io as nio
+
+    calls: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(nio.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(nio, "_syncfs", lambda folder: (calls.append("syncfs"), has_syncfs)[1])
+    paths = [tmp_path / "a" / "x.npy", tmp_path / "a" / "y.npy", tmp_path / "b" / "z.json"]
+
+    with nio.synced_at_exit(tmp_path):
+        save_npy(paths[0], np.eye(3))
+        with nio.synced_at_exit(tmp_path / "a"):  # nested: the outer block syncs
+            save_npy(paths[1], np.ones(2))
+        write_json(paths[2], {"k": 1})
+        assert calls == []  # nothing synced file by file
+    # one syncfs, or where there is none an fsync per file (3) and per folder (2)
+    assert calls == (["syncfs"] if has_syncfs else ["syncfs"] + ["fsync"] * 5)
+    assert np.array_equal(np.load(paths[0]), np.eye(3)) and paths[2].read_text() == '{\n  "k": 1\n}\n'
+
+    calls.clear()
+    with pytest.raises(RuntimeError), nio.synced_at_exit(tmp_path):
+        save_npy(paths[0], np.zeros(3))
+        raise RuntimeError("interrupted")
+    assert calls == []  # the caller never declares an interrupted folder complete; nothing to make durable
+    write_json(paths[2], {"k": 2})  # outside a block: fsync of the file and of its folder, as before
+    assert calls == ["fsync", "fsync"]
+
+
 def test_safetensors_files_are_byte_identical_for_identical_content(tmp_path):
     """safetensors orders header metadata by a hash map; save_tensors sorts it, so identical runs write identical
     files (a resumed run's LoRA file equals an uninterrupted run's byte for byte)."""
@@ -408,3 +439,63 @@ def test_safetensors_files_are_byte_identical_for_identical_content(tmp_path):
     assert len({p.read_bytes() for p in files}) == 1
     loaded, meta = load_tensors(files[0], "a test file")
     assert meta == metadata and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def test_save_tensors_writes_what_safetensors_reads_for_every_dtype_and_shape(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f64": torch.randn(7, 3, dtype=torch.float64, generator=g), "f32": torch.randn(5, generator=g),
+        "f16": torch.randn(2, 2, generator=g).half(), "bf16": torch.randn(3, generator=g).bfloat16(),
+        "i64": torch.tensor(41, dtype=torch.int64), "i32": torch.arange(6, dtype=torch.int32).reshape(2, 3),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8), "u8": torch.tensor([255], dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+        "strided": torch.arange(12.0).reshape(3, 4).T,  # not contiguous
+    }
+    path = tmp_path / "all.safetensors"
+    save_tensors(path, tensors, {"k": "v"})
+    loaded = load_file(str(path))  # safetensors' own reader validates offsets, sizes and the header
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and loaded[name].shape == t.shape and torch.equal(loaded[name], t), name
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata() == {"k": "v"}
+    save_tensors(tmp_path / "bare.safetensors", {"x": torch.ones(1)})  # no metadata at all
+    assert torch.equal(load_file(str(tmp_path / "bare.safetensors"))["x"], torch.ones(1))
+
+    with pytest.raises(NullBoothError, match="complex64"):
+        save_tensors(tmp_path / "c.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)})
+    with pytest.raises(NullBoothError, match="must be strings"):
+        save_tensors(tmp_path / "m.safetensors", {"x": torch.ones(1)}, {"n": 3})
+    assert not (tmp_path / "c.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_save_tensors_holds_one_tensor_at_a_time_not_the_whole_file(tmp_path):
+    """Writing device sums (a collection checkpoint: 43 GB for SDXL) must not need their size again in host memory:
+    each tensor's host copy is made, written and dropped before the next (safetensors' save_file moves every tensor
+    to the host first). Here the host copy is made when a tensor is read from the mapping; 32 tensors of 8 MB may
+    grow the peak RSS by about one tensor, not by the 256 MB file (margin: 64 MB)."""
+    import subprocess
+
+    script = (
+        "import resource, sys, torch\n"
+        "from collections.abc import Mapping\n"
+        "from pathlib import Path\n"
+        "from nullbooth.io import save_tensors\n"
+        "class HostCopies(Mapping):  # what .to('cpu') of a device tensor gives: a new host tensor per access\n"
+        "    def __getitem__(self, k): return torch.full((1 << 20,), float(int(k[1:])), dtype=torch.float64)\n"
+        "    def __iter__(self): return iter(f't{i:02d}' for i in range(32))\n"
+        "    def __len__(self): return 32\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "save_tensors(Path(sys.argv[1]), HostCopies())\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    path = tmp_path / "big.safetensors"
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    growth_mb = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    assert growth_mb < 64, f"peak RSS grew by {growth_mb:.0f} MB while writing 256 MB"
+    loaded, _ = load_tensors(path, "a test file")
+    assert len(loaded) == 32 and float(loaded["t31"][-1]) == 31.0

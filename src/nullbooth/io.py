@@ -8,6 +8,8 @@ what a killed process left without touching a live writer's.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
@@ -15,14 +17,15 @@ import re
 import secrets
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nullbooth.errors import NullBoothError
 
@@ -57,14 +60,58 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+# Inside `synced_at_exit`: the files written so far, made durable together when the block ends.
+_DEFERRED: ContextVar[list[Path] | None] = ContextVar("nullbooth_deferred_sync", default=None)
+
+
+def _syncfs(folder: Path) -> bool:
+    """Flush the whole file system holding ``folder`` in one call (Linux ``syncfs``); False where there is none."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        return syncfs(fd) == 0
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def synced_at_exit(folder: Path) -> Iterator[None]:
+    """Atomic writes inside the block skip their own two fsyncs; a clean exit makes them all durable at once.
+
+    For a folder whose completeness one later write declares (a run's manifest, written after the block):
+    after a crash inside, a file's bytes may not have reached the disk, but the folder is undeclared and gets
+    rewritten. Measured on a tiny-model collection (570 small files): the per-file fsyncs took 1.7–3.3 s of
+    its 4–8 s; one ``syncfs`` (or, where there is none, one fsync per file and per folder) replaces them.
+    """
+    if _DEFERRED.get() is not None:  # nested: the outer block syncs
+        yield
+        return
+    written: list[Path] = []
+    token = _DEFERRED.set(written)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+    if written and not _syncfs(Path(folder)):
+        for path in written:
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        for parent in dict.fromkeys(path.parent for path in written):
+            _fsync_folder(parent)
+
+
 def _atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over ``path``.
 
     On any failure (an exception, a full disk, Ctrl-C) the temporary file is removed and ``path`` keeps its
     previous bytes. An ``OSError`` keeps its errno but names ``path``, not the temporary file (the CLI and
-    ``runs.write.disk_errors`` print it as one line).
+    ``runs.write.disk_errors`` print it as one line). Inside :func:`synced_at_exit` the fsyncs wait for its end.
     """
     path = Path(path)
+    deferred = _DEFERRED.get()
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +119,9 @@ def _atomic(path: Path, write) -> None:
         os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; published files get the usual mode
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if deferred is None:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:
@@ -81,7 +129,10 @@ def _atomic(path: Path, write) -> None:
         if isinstance(err, OSError) and err.errno is not None:
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
-    _fsync_folder(path.parent)
+    if deferred is None:
+        _fsync_folder(path.parent)
+    else:
+        deferred.append(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -142,33 +193,45 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+# torch dtype → safetensors' name (the format is little-endian, as every platform torch ships wheels for)
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """A safetensors file whose bytes depend only on its content (see :func:`_sort_metadata`)."""
+    """A safetensors file written one tensor at a time, whose bytes depend only on its content.
+
+    safetensors' own writer serialises every tensor into host memory before writing (a collection checkpoint of
+    SDXL's 43 GB of device sums would need that much host memory again); here each tensor is moved to the host
+    and written on its own. Tensors are laid out by name and the ``__metadata__`` keys sorted, so identical
+    content gives identical bytes (safetensors orders metadata from a hash map).
+    """
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise NullBoothError(f"{path}: tensor {name!r} has dtype {t.dtype}; expected one of "
+                                 f"{', '.join(str(d) for d in _SAFETENSORS_DTYPES)}")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if any(not isinstance(v, str) for v in header.get("__metadata__", {}).values()):
+        raise NullBoothError(f"{path}: safetensors metadata values must be strings, got {dict(metadata or {})}")
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
     def write(tmp: str) -> None:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
-        _sort_metadata(tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(len(text).to_bytes(8, "little"))
+            fh.write(text)
+            for name in names:
+                flat = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+                fh.write(flat.view(torch.uint8).numpy().data)  # a view of the tensor's bytes, not a copy
 
     _atomic(path, write)
-
-
-def _sort_metadata(path: str) -> None:
-    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
-
-    safetensors serialises the metadata from a hash map, so two writes of one file can order its keys
-    differently; with them sorted, identical runs write identical bytes. The compact JSON keeps its length, and
-    the header is space-padded anyway, so no data offset moves.
-    """
-    with open(path, "r+b") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-        meta = header.get("__metadata__")
-        if not meta or len(meta) < 2:
-            return
-        header["__metadata__"] = dict(sorted(meta.items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= size:
-            fh.seek(8)
-            fh.write(text.ljust(size, b" "))
 
 
 def link_or_copy(source: Path, target: Path) -> None:

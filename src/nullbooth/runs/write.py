@@ -32,7 +32,7 @@ from nullbooth import __version__
 from nullbooth.config import Config
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import COLLECT_CHECKPOINT, SUMMED_STATS
-from nullbooth.io import link_or_copy, write_json
+from nullbooth.io import link_or_copy, synced_at_exit, write_json
 from nullbooth.runs.accumulate import Accumulators
 from nullbooth.runs.layout import (
     MANIFEST,
@@ -194,50 +194,51 @@ def write_run(run_dir: Path, *, layers: Sequence[str], features: Sequence[str], 
         report["max_null_dim_change"] = max(report["max_null_dim_change"], abs(change))
         report["fallbacks"] += info["mode"] != settings.storage
 
-    sums_meta = {"key": manifest["key"]}
-    # The text statistic is summed already: its one decomposition serves its files and stats/summed_eig.
-    text_eigh = {TEXT_KEY: eigh_batched([summed[TEXT_KEY].moment()])[0]} if {"k", "v"} & set(features) else {}
-    for t in tqdm(sorted(timesteps, reverse=True), desc="null spaces", unit="timestep", leave=False,
-                  disable=not progress):
-        stats_t = timestep_stats(t) if any(f in ("q", "out") for f in features) else {}
-        jobs = []
-        for layer in layers:
-            for feature in (f for f in features if f in ("q", "out")):
-                key = stat_key(layer, feature)
-                if key not in stats_t:
-                    raise NullBoothError(f"no statistics for {key} at timestep {t}; the run's sums are incomplete")
-                jobs.append((run_dir / timestep_dirname(t) / layer_dirname(layer), feature, stats_t[key], shapes[key],
-                             {"timestep": t, "layer_name": layer}))
-        _write_decomposed(jobs, settings, note)
-        for layer in layers:
-            folder = run_dir / timestep_dirname(t) / layer_dirname(layer)
-            extra = {"timestep": t, "layer_name": layer}
-            for feature in (f for f in features if f in ("k", "v")):
-                # k and v: one text statistic for every layer and timestep — write it once, hard-link the rest.
-                if text_source is None:
-                    text_meta = _write_matrix(folder, feature, summed[TEXT_KEY], shapes[TEXT_KEY], settings, extra,
-                                              spec=Spectrum.of_eigh(*text_eigh[TEXT_KEY]))
-                    note(text_meta)
-                    text_source = (folder, feature)
-                elif (folder, feature) != text_source:
-                    source_folder, source_feature = text_source
-                    for name in all_matrix_files(feature):
-                        (folder / name).unlink(missing_ok=True)
-                    for name in matrix_files(source_feature, text_meta.get("storage", {}).get("mode", settings.storage)):
-                        if (source_folder / name).exists():
-                            link_or_copy(source_folder / name, folder / (feature + name[len(source_feature):]))
-                write_json(folder / f"{feature}_metadata.json", {**text_meta, **extra, "feature": feature})
-        if settings.keep_timestep_sums and stats_t:
-            save_timestep_sums(run_dir, t, stats_t, sums_meta)
+    with synced_at_exit(run_dir):  # durable together, before the manifest declares the run complete
+        sums_meta = {"key": manifest["key"]}
+        # The text statistic is summed already: its one decomposition serves its files and stats/summed_eig.
+        text_eigh = {TEXT_KEY: eigh_batched([summed[TEXT_KEY].moment()])[0]} if {"k", "v"} & set(features) else {}
+        for t in tqdm(sorted(timesteps, reverse=True), desc="null spaces", unit="timestep", leave=False,
+                      disable=not progress):
+            stats_t = timestep_stats(t) if any(f in ("q", "out") for f in features) else {}
+            jobs = []
+            for layer in layers:
+                for feature in (f for f in features if f in ("q", "out")):
+                    key = stat_key(layer, feature)
+                    if key not in stats_t:
+                        raise NullBoothError(f"no statistics for {key} at timestep {t}; the run's sums are incomplete")
+                    jobs.append((run_dir / timestep_dirname(t) / layer_dirname(layer), feature, stats_t[key], shapes[key],
+                                 {"timestep": t, "layer_name": layer}))
+            _write_decomposed(jobs, settings, note)
+            for layer in layers:
+                folder = run_dir / timestep_dirname(t) / layer_dirname(layer)
+                extra = {"timestep": t, "layer_name": layer}
+                for feature in (f for f in features if f in ("k", "v")):
+                    # k and v: one text statistic for every layer and timestep — write it once, hard-link the rest.
+                    if text_source is None:
+                        text_meta = _write_matrix(folder, feature, summed[TEXT_KEY], shapes[TEXT_KEY], settings, extra,
+                                                  spec=Spectrum.of_eigh(*text_eigh[TEXT_KEY]))
+                        note(text_meta)
+                        text_source = (folder, feature)
+                    elif (folder, feature) != text_source:
+                        source_folder, source_feature = text_source
+                        for name in all_matrix_files(feature):
+                            (folder / name).unlink(missing_ok=True)
+                        for name in matrix_files(source_feature, text_meta.get("storage", {}).get("mode", settings.storage)):
+                            if (source_folder / name).exists():
+                                link_or_copy(source_folder / name, folder / (feature + name[len(source_feature):]))
+                    write_json(folder / f"{feature}_metadata.json", {**text_meta, **extra, "feature": feature})
+            if settings.keep_timestep_sums and stats_t:
+                save_timestep_sums(run_dir, t, stats_t, sums_meta)
 
-    meta = {"key": manifest["key"], "timesteps": json.dumps(sorted(timesteps)), "shapes": json.dumps(dict(shapes))}
-    save_statistics(run_dir / SUMMED_STATS, summed, meta)
-    save_summed_spectra(run_dir, summed, manifest["key"], known=text_eigh)
-    if report["null_dim_changed"]:
-        log.warning("storage %s: %d of %d matrices read back with another null dimension (max change %d); "
-                    "projectors are stored exactly, the covariances approximately (max relative error %.2g)",
-                    settings.storage, report["null_dim_changed"], report["matrices"], report["max_null_dim_change"],
-                    report["max_reconstruction_rel_error"])
+        meta = {"key": manifest["key"], "timesteps": json.dumps(sorted(timesteps)), "shapes": json.dumps(dict(shapes))}
+        save_statistics(run_dir / SUMMED_STATS, summed, meta)
+        save_summed_spectra(run_dir, summed, manifest["key"], known=text_eigh)
+        if report["null_dim_changed"]:
+            log.warning("storage %s: %d of %d matrices read back with another null dimension (max change %d); "
+                        "projectors are stored exactly, the covariances approximately (max relative error %.2g)",
+                        settings.storage, report["null_dim_changed"], report["matrices"], report["max_null_dim_change"],
+                        report["max_reconstruction_rel_error"])
     write_json(run_dir / MANIFEST, {**manifest, "status": "complete", "storage_report": report})
     shutil.rmtree(run_dir / COLLECT_CHECKPOINT.parent, ignore_errors=True)
     return report

@@ -79,9 +79,9 @@ class SecondMoment:
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"sum": self.sum.cpu(), "count": torch.tensor(self.count, dtype=torch.int64)}
+        state = {"sum": self.sum, "count": torch.tensor(self.count, dtype=torch.int64)}
         if self.mean_sum is not None:
-            state["mean_sum"] = self.mean_sum.cpu()
+            state["mean_sum"] = self.mean_sum
         return state
 
     @classmethod
@@ -226,7 +226,7 @@ class PackedSecondMoment:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"packed": self.sum.cpu(), "count": torch.tensor(self.count, dtype=torch.int64)}
+        return {"packed": self.sum, "count": torch.tensor(self.count, dtype=torch.int64)}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> "PackedSecondMoment":

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import types
 import warnings
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from nullbooth import __version__
@@ -31,6 +30,7 @@ from nullbooth.conditioning import encode_prompts, is_sdxl, text_encoders, token
 from nullbooth.config import PerfusionBlock
 from nullbooth.errors import NullBoothError
 from nullbooth.filenames import SHIPPED_COVARIANCE
+from nullbooth.io import save_tensors
 from nullbooth.models import cache_dir as nullbooth_cache_dir
 from nullbooth.prompts import read_prompt_file
 from nullbooth.stats.moments import SecondMoment
@@ -269,17 +269,8 @@ def default_covariance(pipe: Any, prompts: Sequence[str] | None = None, cache_di
         return C
     stat = encoding_second_moment(text_pipe, prompts, batch_size, tokens=tokens)
     C = stat.moment()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cov-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"C": C, "sum": stat.sum.cpu(), "count": torch.tensor([stat.count], dtype=torch.int64)}, tmp,
-                  metadata={"key": key, "n_prompts": str(len(prompts)), "tokens": tokens,
-                            "nullbooth_version": __version__})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_tensors(path, {"C": C, "sum": stat.sum, "count": torch.tensor([stat.count], dtype=torch.int64)},
+                 {"key": key, "n_prompts": str(len(prompts)), "tokens": tokens, "nullbooth_version": __version__})
     logger.info("computed text covariance from %d prompts (%d encodings), cached at %s", len(prompts), stat.count, path)
     return C
 
