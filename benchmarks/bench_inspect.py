@@ -14,7 +14,11 @@ Measured in this process:
   without the stored spectra (an older run: ``eigvalsh`` of each summed statistic);
 - ``eigh``/``eigvalsh`` calls made by inspect and validate (0 expected).
 
-    python benchmarks/bench_inspect.py [--steps 50] [--compare-steps 2] [--repeats 3] [--keep DIR]
+With ``--distinct-steps N`` only N timesteps are finalized (about 30 CPU s each here: the float64 ``eigh`` of 32
+matrices up to 1280 wide) and the other timestep folders are byte copies of them, each a file of its own that
+``validate`` reads and checks like any other; the finalize row then reports those N steps.
+
+    python benchmarks/bench_inspect.py [--steps 50] [--distinct-steps N] [--compare-steps 2] [--repeats 3] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -98,6 +102,23 @@ def build(run_dir: Path, base: dict[str, torch.Tensor], timesteps: list[int]) ->
               settings=StoreSettings("relative", 1e-3), manifest=manifest(timesteps), progress=False)
 
 
+def replicate(run_dir: Path, distinct: list[int], timesteps: list[int]) -> None:
+    """Fill ``timesteps`` beyond the finalized ``distinct`` ones with byte copies of their folders (metadata naming
+    the copy's own timestep), and list every timestep in the manifest."""
+    from nullbooth.filenames import MANIFEST
+    from nullbooth.io import read_json, write_json
+    from nullbooth.runs.layout import timestep_dirname
+
+    for i, t in enumerate(t for t in timesteps if t not in distinct):
+        source = run_dir / timestep_dirname(distinct[i % len(distinct)])
+        target = run_dir / timestep_dirname(t)
+        shutil.copytree(source, target)  # copies, not links: validate checks a linked file only once
+        for meta in target.glob("*/*_metadata.json"):
+            write_json(meta, {**read_json(meta, "a metadata file"), "timestep": t})
+    manifest_file = run_dir / MANIFEST
+    write_json(manifest_file, {**read_json(manifest_file, "the manifest"), "timesteps": timesteps})
+
+
 @contextmanager
 def per_timestep_only(per_matrix: bool):
     """Finalize without the stored summed spectra (timed on their own), and (``per_matrix``) with the old writer:
@@ -166,6 +187,8 @@ def du(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--distinct-steps", type=int, default=None,
+                        help="finalize only this many timesteps; the others are copies of them (default: all)")
     parser.add_argument("--compare-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the finalize comparison")
     parser.add_argument("--keep", type=Path, help="build the run here and keep it (default: a temporary folder)")
@@ -182,8 +205,8 @@ def main() -> None:
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                  "platform": platform.platform(), "torch": torch.__version__},
                      "shape": {"layers": len(SD15_LAYERS), "q_out_widths": [w for _, w in SD15_LAYERS],
-                               "text_width": TEXT_WIDTH, "steps": args.steps,
-                               "matrices_decomposed": 2 * len(SD15_LAYERS) * args.steps + 1},
+                               "text_width": TEXT_WIDTH, "steps": args.steps, "distinct_steps": args.distinct_steps,
+                               "matrices_decomposed": 2 * len(SD15_LAYERS) * (args.distinct_steps or args.steps) + 1},
                      "random_moments": setup}
     try:
         few = timesteps[:args.compare_steps]
@@ -202,9 +225,12 @@ def main() -> None:
                                        "summed_spectra_once_per_run": summed_spectra, "repeats": runs}
 
         run = root / "run"
-        _, finalize = timed(lambda: build(run, base, timesteps))
-        results["finalize"] = {**finalize, "per_step_cpu_s": round(finalize["cpu_s"] / args.steps, 2),
-                               "run_bytes": du(run)}
+        distinct = timesteps[::-(-args.steps // args.distinct_steps)] if args.distinct_steps else timesteps
+        _, finalize = timed(lambda: build(run, base, distinct))
+        results["finalize"] = {**finalize, "steps": len(distinct), "per_step_cpu_s": round(finalize["cpu_s"] / len(distinct), 2)}
+        if len(distinct) < len(timesteps):
+            replicate(run, distinct, timesteps)
+        results["finalize"]["run_bytes"] = du(run)
         with eigen_counter() as calls:
             rows, inspect = timed(lambda: inspect_run(run))
         results["inspect"] = {**inspect, "rows": len(rows), "eigen_calls": calls["n"]}
@@ -243,8 +269,9 @@ def markdown(r: dict) -> str:
         f"{3 * c['steps'] + 1} batches | same matrices; old/new CPU = {c['per_matrix_over_batched_cpu']} |",
         f"| summed spectra (once per run) | {c['summed_spectra_once_per_run']['wall_s']} | "
         f"{c['summed_spectra_once_per_run']['cpu_s']} | 3 batches | 33 matrices, stored for train/inspect/validate |",
-        f"| finalize, {s['steps']} steps, batched | {r['finalize']['wall_s']} | {r['finalize']['cpu_s']} | batches | "
-        f"{r['finalize']['per_step_cpu_s']} CPU s per step; run {r['finalize']['run_bytes'] / 1e9:.2f} GB |",
+        f"| finalize, {r['finalize']['steps']} steps, batched | {r['finalize']['wall_s']} | {r['finalize']['cpu_s']} | "
+        f"batches | {r['finalize']['per_step_cpu_s']} CPU s per step; run {r['finalize']['run_bytes'] / 1e9:.2f} GB"
+        + (f" once copied to {s['steps']} steps |" if r['finalize']['steps'] < s['steps'] else " |"),
         f"| inspect, {s['steps']} steps | {r['inspect']['wall_s']} | {r['inspect']['cpu_s']} | "
         f"{r['inspect']['eigen_calls']} | {r['inspect']['rows']} rows |",
         f"| validate, {s['steps']} steps | {r['validate']['wall_s']} | {r['validate']['cpu_s']} | "

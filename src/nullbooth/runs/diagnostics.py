@@ -254,14 +254,17 @@ def _file_facts(folder: Path, feature: str, C: np.ndarray, P: np.ndarray | None,
     facts["projection_shape"] = tuple(P.shape)
     if P.shape != C.shape:
         return facts
-    P64 = P.astype(np.float64)
+    finite = bool(np.isfinite(P).all())
+    facts["projection_symmetric"] = finite and is_symmetric(P, rtol=1e-5, atol=1e-5)
+    if not finite:
+        facts.update(idempotence=float("inf"), projection_rank=-1)
+        return facts
+    P64 = P.astype(np.float64)  # the probes in float64: a float32 product's rounding would blur the 1e-4 test
     x = np.random.default_rng(0).standard_normal((P.shape[0], PROBES))
     x /= np.linalg.norm(x, axis=0)
     Px = P64 @ x  # [d, PROBES]: O(d²) per probe where P @ P would be O(d³)
-    finite = bool(np.isfinite(P64).all())
-    facts["idempotence"] = float(np.linalg.norm(P64 @ Px - Px, axis=0).max()) if finite else float("inf")
-    facts["projection_symmetric"] = finite and is_symmetric(P64, rtol=1e-5, atol=1e-5)
-    facts["projection_rank"] = int(round(np.trace(P64))) if finite else -1
+    facts["idempotence"] = float(np.linalg.norm(P64 @ Px - Px, axis=0).max())
+    facts["projection_rank"] = int(round(np.trace(P64)))
     return facts
 
 
