@@ -286,3 +286,51 @@ def test_checkpoint_settings_hold_the_new_keys_as_json(instance, tmp_path):
     for key in ("snr_gamma", "noise_offset", "optimizer", "scale_lr", "lr_num_cycles", "lr_power", "num_train_epochs",
                 "random_flip", "center_crop", "train_text_encoder", "text_encoder_lr", "lora_dropout", "use_dora"):
         assert key in RESUME_KEYS
+
+
+@pytest.mark.parametrize("method", ["nullbooth", "lora", "perfusion", "dreambooth"])
+def test_bf16_mixed_precision_stores_frozen_weights_in_bf16_and_trains_float32(instance, tmp_path, method):
+    """diffusers' recipe: with mixed_precision bf16 the weights nobody trains are kept in bf16 (half their memory),
+    normalisation layers and everything the optimizer steps stay float32, and the run trains and samples."""
+    extra = {"perfusion": {"concept_token": "sksdog", "superclass": "dog"}, "instance_prompt": "a photo of sksdog"} \
+        if method == "perfusion" else {}
+    if method == "nullbooth":
+        (tmp_path / "prior.txt").write_text("a red circle\na blue square on a mat\n")
+        extra = {"nullbooth": {"original_knowledge_prompts": str(tmp_path / "prior.txt"), "num_denoising_steps": 2,
+                               "cov_matrices_output_dir": str(tmp_path / "cov"), "nullspace_mode": "relative",
+                               "nullspace_threshold": 1e-3}}
+    cfg = make_cfg(instance, tmp_path / "out", method=method, mixed_precision="bf16", validation_prompt="a dog",
+                   num_validation_images=1, validation_steps=2, **extra)
+    pipe = load_pipeline("tiny-sd")
+    fp32_bytes = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    ts = prepared(cfg)
+    trained = {id(p) for p in ts.params}
+    assert ts.params and all(p.dtype == torch.float32 for p in ts.params)
+    networks = {"unet": ts.pipe.unet, "vae": ts.pipe.vae, "text_encoder": ts.pipe.text_encoder}
+    for name, network in networks.items():
+        for module in network.modules():
+            for p in module.parameters(recurse=False):
+                if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or id(p) in trained:
+                    assert p.dtype == torch.float32, name
+                elif method == "dreambooth" and name == "unet":
+                    assert p.dtype == torch.float32  # the full fine-tune's UNet is what Adam steps
+                elif p.requires_grad is False and module.__class__.__module__.startswith(("diffusers", "transformers")):
+                    assert p.dtype == torch.bfloat16, (name, type(module).__name__)
+    unet_bytes = sum(p.numel() * p.element_size() for p in ts.pipe.unet.parameters())
+    assert (unet_bytes > 0.9 * fp32_bytes) if method == "dreambooth" else (unet_bytes < 0.6 * fp32_bytes)
+    losses = train(cfg, pipe=pipe, progress=False)["losses"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert list((tmp_path / "out" / "validation").glob("*.png"))  # sampled under autocast with mixed dtypes
+
+
+def test_a_half_precision_pipeline_trains_float32_under_its_autocast_and_needs_it(instance, tmp_path):
+    cfg = make_cfg(instance, tmp_path / "out", method="dreambooth")
+    with pytest.raises(NullBoothError, match="weights are torch.bfloat16, expected mixed_precision 'bf16'"):
+        setup(cfg, pipe=load_pipeline("tiny-sd", dtype=torch.bfloat16), progress=False)
+    cfg = make_cfg(instance, tmp_path / "out", method="lora", mixed_precision="bf16")
+    pipe = load_pipeline("tiny-sd", dtype=torch.bfloat16)
+    losses = train(cfg, pipe=pipe, progress=False)["losses"]
+    assert all(math.isfinite(x) for x in losses)
+    lora = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # upcast: what Adam steps is float32
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16

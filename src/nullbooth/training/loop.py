@@ -118,7 +118,9 @@ def loop(ts: Setup, cfg: Config, progress: bool, on_step: Callable[[int, float],
                                 accelerator)
             validating = bool(cfg.validation_prompt) and (step % validate_every == 0 or step == cfg.max_train_steps)
             if validating and accelerator.is_main_process:
-                tracker.log_images("validation", validate(cfg, ts.pipe, output_dir, step, ts.resolution), step)
+                with accelerator.autocast():  # the frozen weights may be half, the trained ones float32
+                    images = validate(cfg, ts.pipe, output_dir, step, ts.resolution)
+                tracker.log_images("validation", images, step)
             if tracker.active and (checkpointing or validating):
                 tracker.log_scalars(leakage_scalars(method, preserved, ts.heldout), step)
     return losses, step_seconds, time.perf_counter() - started
@@ -154,7 +156,9 @@ def accumulate_gradients(ts: Setup, cfg: Config, step: int) -> torch.Tensor:
                 text = method.encode_prompt(ts.text_encoders, prompt.transpose(0, 1)) if method.trains_text_encoder \
                     else prompt
                 conditioning = unet_conditioning(ts.pipe, text, sizes, ts.resolution)
-                pred = ts.unet(noisy, t, **conditioning).sample.float()  # [bsz, 4, h, w]
+                dtype = ts.pipe.unet.dtype  # frozen weights may be half precision (mixed_precision)
+                conditioning["encoder_hidden_states"] = conditioning["encoder_hidden_states"].to(dtype)
+                pred = ts.unet(noisy.to(dtype), t, **conditioning).sample.float()  # [bsz, 4, h, w]
             if ts.classes is not None:  # DreamBooth eq. 2: instance loss + λ · prior-preservation loss
                 pred, pred_prior = pred.chunk(2)
                 target, target_prior = target.chunk(2)
