@@ -83,14 +83,16 @@ def perfusion_cfg(world, out: str, subject_list: list[dict] | None = None, **top
 @torch.no_grad()
 def unet_eps(pipe, prompts: list[str], t: int = 500) -> torch.Tensor:
     enc = pipe.text_encoder(conditioning.tokenize(pipe, prompts)[0])[0]  # [b, 77, d]
-    x = torch.randn(len(prompts), pipe.unet.config.in_channels, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    shape = (len(prompts), pipe.unet.config.in_channels, RES // 2, RES // 2)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     return pipe.unet(x, torch.full((len(prompts),), t), enc).sample
 
 
 def step(method: Perfusion, pipe, optimizer, prompt: str, seed: int) -> None:
     """One optimizer step of the instance loss on ``prompt`` (what the loop does, without its data)."""
     g = torch.Generator().manual_seed(seed)
-    x, noise = torch.randn(1, pipe.unet.config.in_channels, RES // 2, RES // 2, generator=g), torch.randn(1, pipe.unet.config.in_channels, RES // 2, RES // 2, generator=g)
+    shape = (1, pipe.unet.config.in_channels, RES // 2, RES // 2)
+    x, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     enc = method.encode_prompt(text_encoders(pipe), conditioning.tokenize(pipe, [prompt])).hidden
     method.loss(pipe.unet(x, torch.tensor([700]), enc).sample, noise, [0]).backward()
     optimizer.step()
