@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -49,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METHODS = ("nullbooth", "lora", "perfusion")
 CONCEPT = "<sks-dog>"  # Perfusion's new token; the other methods train on "sks dog"
+WEIGHT_DTYPES = {"float32": (torch.float32, "no"), "bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}
 GB = 1e9
 
 # --------------------------------------------------------------------------- the public configs
@@ -344,7 +346,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     root = Path(args.root)
     start = time.perf_counter()
-    pipe = load_pipeline(str(args.model_dir), device=args.device)
+    pipe = load_pipeline(str(args.model_dir), device=args.device, dtype=WEIGHT_DTYPES[args.dtype][0])
     result: dict[str, Any] = {"load_s": time.perf_counter() - start}
     verb, _, method = args.worker.partition(":")
     start = time.perf_counter()
@@ -390,7 +392,7 @@ def run_verb(args: argparse.Namespace, family: Family, verb: str, root: Path, ex
     cmd = [sys.executable, __file__, "--worker", verb, "--family", family.name, "--root", str(root),
            "--model-dir", str(args.model_dir), "--threads", str(args.threads), "--resolution", str(args.resolution),
            "--steps", str(args.steps), "--prompts", str(args.prompts), "--batch", str(args.batch),
-           "--train-steps", str(args.train_steps), "--device", args.device, "--mixed-precision",
+           "--train-steps", str(args.train_steps), "--device", args.device, "--dtype", args.dtype, "--mixed-precision",
            args.mixed_precision, *extra]
     if available_gb() < args.needed_gb:
         print(f"  {family.name} {verb}: skipped, {available_gb():.0f} GB of memory available", flush=True)
@@ -438,13 +440,15 @@ def available_gb() -> float:
 def measure_family(args: argparse.Namespace, family: Family, work: Path) -> dict[str, Any]:
     """Build (once), then collect → train × methods → generate × methods, each verb in its own process."""
     start = time.perf_counter()
-    args.model_dir = materialize(family)
+    # built in a child process: the driver would otherwise keep the freed weights' memory (6.9 GB after SDXL)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        args.model_dir = pool.apply(materialize, (family,))
     built_s = time.perf_counter() - start
     root = work / family.name
     write_inputs(root, args)
     # A shared machine: a verb that would not fit is not started. Peak RSS measured on CPU at 64 px, 2 steps: 1.5×
     # the float32 weights for SD 1.5 and 2.1, over 1.63× for SDXL's collect (22.7 GB when stopped, still growing).
-    args.needed_gb = 1.7 * model_memory(family)["float32_bytes"] / GB
+    args.needed_gb = 1.7 * model_memory(family)["float32_bytes" if args.dtype == "float32" else "float16_bytes"] / GB
     rows = [run_verb(args, family, "collect", root, [])]
     stats = rows[0].get("run_dir")
     for method in args.methods:
@@ -475,7 +479,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Real-size families: SD 1.5, SD 2.1, SDXL", "",
         f"`{result['command']}` — **{where}** ({result['machine']}, {a['threads']} threads, torch {result['torch']}; "
-        f"load average {result['load_average']} at the start), random weights from the public configs, float32 "
+        f"load average {result['load_average']} at the start), random weights from the public configs, "
+        f"{a.get('dtype', 'float32')} "
         f"(training autocast: {a['mixed_precision']}), "
         f"{a['resolution']} px, {a['steps']} sampling steps, CFG 7.5, {a['prompts']} prompts in batches of {a['batch']}, "
         f"{a['train_steps']} training step(s) at batch 1. Whole run: {result['total_s'] / 60:.1f} min. "
@@ -538,6 +543,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (then use the native --resolution and bf16)")
+    ap.add_argument("--dtype", default="float32", choices=tuple(WEIGHT_DTYPES),
+                    help="the weights every verb loads; half precision trains under the same autocast")
     ap.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="training's autocast")
     ap.add_argument("--verb-timeout", type=float, default=1800.0, help="seconds before a verb is stopped and recorded "
                     "as not working")
@@ -550,6 +557,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--stats-run", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.dtype != "float32":  # a half-precision pipeline trains under its own autocast (nullbooth train says so)
+        args.mixed_precision = WEIGHT_DTYPES[args.dtype][1]
     args.families = [f for f in args.families.split(",") if f]
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [f for f in args.families if f not in FAMILIES] + [m for m in args.methods if m not in METHODS]
@@ -570,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
                                            f"{platform.machine()}, {os.cpu_count()} cores"), "torch": torch.__version__,
         "load_average": round(os.getloadavg()[0], 1),
         "args": {k: getattr(args, k) for k in ("families", "methods", "resolution", "steps", "prompts", "batch",
-                                               "train_steps", "threads", "mixed_precision")},
+                                               "train_steps", "threads", "dtype", "mixed_precision")},
         "analytic": {name: analytic(FAMILIES[name]) for name in args.families}, "families": {},
     }
     if not args.no_measure:

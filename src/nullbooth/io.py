@@ -202,9 +202,9 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """A safetensors file written one tensor at a time, whose bytes depend only on its content.
 
-    safetensors' own writer serialises every tensor into host memory before writing (a collection checkpoint of
-    SDXL's 43 GB of device sums would need that much host memory again); here each tensor is moved to the host
-    and written on its own. Tensors are laid out by name and the ``__metadata__`` keys sorted, so identical
+    safetensors' own writer first moves every tensor to the host (a collection checkpoint of SDXL's 43 GB of
+    device sums would need that much host memory again); here each tensor is moved to the host and written on
+    its own. Tensors are laid out by name and the ``__metadata__`` keys sorted, so identical
     content gives identical bytes (safetensors orders metadata from a hash map).
     """
     names = sorted(tensors)
