@@ -482,6 +482,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--judge", type=str, default=None, help="judge folder (default: the shipped judge)")
     p.add_argument("--unet-channels", type=str, default=None, help="e.g. 32,64,64 (default: nullbooth.models.WORLD_ARCH)")
+    p.add_argument("--attention-levels", type=str, default=None,
+                   help="UNet levels with cross-attention, e.g. 0,1 (default: nullbooth.models.WORLD_ARCH's)")
     p.add_argument("--vae-channels", type=str, default=None, help="e.g. 16,32,64,64 (latent = 64 / 2^(n−1))")
     p.add_argument("--schedule", choices=("sd", "ddpm", "zero-snr"), default=None,
                    help="noise schedule (default: nullbooth.models.WORLD_ARCH's), see TinyArch.schedule")
@@ -504,6 +506,8 @@ def parse_args(argv=None):
     arch = WORLD_ARCH
     if args.unet_channels:
         arch = replace(arch, unet_channels=tuple(int(c) for c in args.unet_channels.split(",")))
+    if args.attention_levels:
+        arch = replace(arch, attention_levels=tuple(int(c) for c in args.attention_levels.split(",")))
     if args.vae_channels:
         vae_ch = tuple(int(c) for c in args.vae_channels.split(","))
         arch = replace(arch, vae_channels=vae_ch, latent_size=64 // 2 ** (len(vae_ch) - 1))
