@@ -111,6 +111,7 @@ def main() -> None:
 
     from nullbooth.stats.compress import sd15_store_sizes
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "prompts.txt").write_text("\n".join(make_prompts(args.prompts)) + "\n")
@@ -129,7 +130,7 @@ def main() -> None:
     sizes = sd15_store_sizes()
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "note": "2 shared CPU cores, loaded by other jobs during the run: timings are noisy"},
+                    "load_average_1min_before": load_before},
         "collection": {"model": args.model, "prompts": args.prompts, "steps": args.steps, "batch_size": args.batch,
                        "threads_per_process": 1},
         "timing": timings,
@@ -145,7 +146,8 @@ def main() -> None:
     lines = [
         "# Distributed collection benchmark", "",
         f"Collection: `{args.model}`, {args.prompts} prompts × {args.steps} steps, batch size {args.batch}, one thread "
-        f"per process, gloo on CPU ({result['machine']['cpus']} shared cores; other jobs were running, so timings are noisy).", "",
+        f"per process, gloo on CPU ({result['machine']['cpus']} shared cores; 1-minute load average {load_before:.2f} "
+        "before the run: above 0.5, other jobs shared the cores and timings are noisy).", "",
         "| processes | collect() on rank 0 (s) | whole command (s) |", "|---|---|---|",
         *[f"| {t['processes']} | {t['collect_s']:.2f} | {t['wall_s']:.2f} |" for t in timings], "",
         f"Ratio 2 / 1 processes: **{result['ratio_collect_2_over_1']:.2f}** inside collect(), "
