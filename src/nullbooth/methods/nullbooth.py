@@ -80,6 +80,7 @@ class NullBooth(Method):
         wants_stats = nb.leakage_budget is not None or bool(nb.leakage_penalty)
         self.stats = load_summed_statistics(self.stats_run) if wants_stats else None
         self.bases = {p: U for p, U in bases.items() if U.shape[1] > 0}
+        self.trained = frozenset(self.bases)
         if not self.bases:
             spectra = [(i["lambda_min"], i["lambda_max"]) for i in self.info.values()]
             raise NullBoothError(
@@ -97,6 +98,9 @@ class NullBooth(Method):
         self.budgets: dict[str, LeakageBudget] = {}
         if self.update == "adapter":
             self.wrappers = inject_null_space_adapters(pipe.unet, self.bases)
+            # Each adapter holds its own basis; the float64 originals would stay alive beside the optimiser
+            # state for the whole run (GBs on SDXL with near-full null spaces).
+            self.bases = {}
             # The adapter's own (rounded) basis: ΔW = M Uᵀ is certified as the model applies it.
             self.budgets = self._budgets({p: w.basis for p, w in self.wrappers.items()}, full_weight=False)
             return [{"params": [w.M for w in self.wrappers.values()], "lr": self.lr, "name": "unet"}, *text]
@@ -161,7 +165,7 @@ class NullBooth(Method):
         return {p: (self.targets[p].weight.detach().double() - W0.double(), W0) for p, W0 in self.W0.items()}
 
     def report(self) -> dict[str, dict[str, Any]]:
-        facts = {p: {"trained": p in self.bases, "dim": i["dim"], "null_dim": i["null_dim"],
+        facts = {p: {"trained": p in self.trained, "dim": i["dim"], "null_dim": i["null_dim"],
                      "lambda_max_null": i["lambda_max_null"], "lambda_min": i["lambda_min"],
                      "lambda_max": i["lambda_max"]}
                  for p, i in self.info.items()}
