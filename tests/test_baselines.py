@@ -138,6 +138,22 @@ def test_dreambooth_prepares_every_parameter_and_attn2_finetune_the_28_weights(w
         assert {k.removeprefix("unet.") for k in m.trainable()} == set(expected), method
 
 
+def test_weight_changes_are_computed_when_read_one_weight_at_a_time(world, tiny_pipe):
+    # all of SDXL's float64 ΔW at once is 4.8 GB: the report must be able to read them one by one
+    m = make_method(make_cfg(world, "x", method="attn2_finetune"))
+    pipe = copy.deepcopy(tiny_pipe)
+    m.prepare(pipe, None)
+    changes = m.weight_changes()
+    path = next(iter(changes))
+    with torch.no_grad():
+        pipe.unet.get_submodule(path).weight.add_(1.0)  # after the mapping was made: a read sees it
+    dW, W0 = changes[path]
+    assert torch.allclose(dW, torch.ones_like(W0), atol=1e-6)  # (W₀ + 1) − W₀ in float32
+    assert set(changes) == set(adapter_targets(tiny_pipe.unet))
+    with pytest.raises(KeyError):
+        changes["no.such.weight"]
+
+
 # --------------------------------------------------------------------------- lora
 
 

@@ -66,7 +66,8 @@ class Attn2Finetune(Method):
         return groups + ([self.text_encoder_full(pipe)] if self.trains_text_encoder else [])
 
     def weight_changes(self) -> WeightChanges:
-        return {p: (m.weight.detach() - self.W0[f"{p}.weight"], self.W0[f"{p}.weight"]) for p, m in self.targets.items()}
+        return WeightChanges(self.targets, lambda p: (self.targets[p].weight.detach() - self.W0[f"{p}.weight"],
+                                                      self.W0[f"{p}.weight"]))
 
     def _save_full(self, output_dir: Path) -> list[Path]:
         """``unet/`` and, with ``train_text_encoder``, ``text_encoder/``: diffusers' own folders."""
@@ -147,7 +148,7 @@ class Lora(Method):
         return groups
 
     def weight_changes(self) -> WeightChanges:
-        return {path: (peft_delta(self.pipe.unet.get_submodule(path)), W0) for path, W0 in self.W0.items()}
+        return WeightChanges(self.W0, lambda p: (peft_delta(self.pipe.unet.get_submodule(p)), self.W0[p]))
 
     def report(self) -> dict[str, dict[str, Any]]:
         return {p: {"trained": True, "rank": self.cfg.lora_rank, **({"dora": True} if self.cfg.use_dora else {})}

@@ -159,10 +159,12 @@ class NullBooth(Method):
     def weight_changes(self) -> WeightChanges:
         # float64 products: the report certifies ΔW = M Uᵀ as the fp32 factors define it, not a rounded product.
         if self.update == "adapter":
-            return {p: (w.M.detach().double() @ w.basis.double().T if w.M is not None else w.get_delta_weight(),
-                        w.base_layer.weight.detach())
-                    for p, w in null_space_adapters(self.pipe.unet).items()}
-        return {p: (self.targets[p].weight.detach().double() - W0.double(), W0) for p, W0 in self.W0.items()}
+            wrappers = null_space_adapters(self.pipe.unet)
+            return WeightChanges(wrappers, lambda p: (
+                wrappers[p].M.detach().double() @ wrappers[p].basis.double().T if wrappers[p].M is not None
+                else wrappers[p].get_delta_weight(), wrappers[p].base_layer.weight.detach()))
+        return WeightChanges(self.W0, lambda p: (self.targets[p].weight.detach().double() - self.W0[p].double(),
+                                                 self.W0[p]))
 
     def report(self) -> dict[str, dict[str, Any]]:
         facts = {p: {"trained": p in self.trained, "dim": i["dim"], "null_dim": i["null_dim"],

@@ -63,7 +63,7 @@ class Oft(Method):
         return [{"params": [p for p in pipe.unet.parameters() if p.requires_grad], "lr": self.lr, "name": "unet"}]
 
     def weight_changes(self) -> WeightChanges:
-        return {path: (oft_delta(self.pipe.unet.get_submodule(path)), W0) for path, W0 in self.W0.items()}
+        return WeightChanges(self.W0, lambda p: (oft_delta(self.pipe.unet.get_submodule(p)), self.W0[p]))
 
     def report(self) -> dict[str, dict[str, Any]]:
         layers = {p: self.pipe.unet.get_submodule(p) for p in self.targets}

@@ -183,7 +183,7 @@ class Perfusion(Method):
 
     def weight_changes(self) -> WeightChanges:
         """None: Perfusion has no fixed ΔW (its edit is gated per input); plain prompts are unchanged exactly."""
-        return {}
+        return WeightChanges()
 
     @torch.no_grad()
     def concept_changes(self, k: int) -> dict[str, Any]:
