@@ -142,6 +142,20 @@ def test_only_adapter_factors_receive_gradients(unet, run_bases, tiny_pipe):
     assert all(p.grad is None for p in unet.parameters() if not p.requires_grad)
 
 
+def test_a_shared_basis_is_checked_and_stored_once(unet, run_bases, monkeypatch):
+    from nullbooth.methods import adapters
+
+    bases, _ = run_bases
+    text = [p for p in bases if p.endswith(("to_k", "to_v"))]
+    assert len(text) > 2 and len({id(bases[p]) for p in text}) == 1  # every k and v reads the one text statistic
+    calls = []
+    monkeypatch.setattr(adapters, "_basis_problem", lambda basis, d: calls.append(id(basis)))
+    wrappers = inject_null_space_adapters(unet, bases)
+    assert len(calls) == len({id(b) for b in bases.values()})
+    assert len({wrappers[p].basis.data_ptr() for p in text}) == 1  # one float32 copy for all of them
+    assert torch.equal(wrappers[text[0]].basis, bases[text[0]].float())
+
+
 def test_merge_unmerge_round_trip(unet, run_bases, tiny_pipe):
     bases, _ = run_bases
     inject_null_space_adapters(unet, bases)
