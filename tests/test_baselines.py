@@ -32,6 +32,7 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import LORA_KOHYA_WEIGHTS, LORA_WEIGHTS
 from nullbooth.generate import check_fits, find_personalization, load_personalization
 from nullbooth.methods.adapters import adapter_targets, attention_targets
+from nullbooth.methods.base import WeightChanges
 from nullbooth.methods.lora_export import peft_lora_layers
 from nullbooth.methods.oft import OFT_DIR, PEFT_CONFIG, PEFT_WEIGHTS
 from nullbooth.methods.registry import METHODS, make_method
@@ -152,6 +153,9 @@ def test_weight_changes_are_computed_when_read_one_weight_at_a_time(world, tiny_
     assert set(changes) == set(adapter_targets(tiny_pipe.unet))
     with pytest.raises(KeyError):
         changes["no.such.weight"]
+    calls = []
+    counted = WeightChanges(["w"], lambda p: calls.append(p) or (W0, W0))
+    assert "w" in counted and "v" not in counted and not calls  # membership computes nothing
 
 
 # --------------------------------------------------------------------------- lora

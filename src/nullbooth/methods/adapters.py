@@ -70,6 +70,12 @@ def float_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def adapter_basis(basis: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+    """``basis`` as an adapter of ``base`` keeps it: on its device, at least float32, contiguous (no copy when it
+    already is)."""
+    return basis.detach().to(device=base.weight.device, dtype=float_dtype(base.weight.dtype)).contiguous()
+
+
 # --------------------------------------------------------------------------- the layer
 
 
@@ -97,9 +103,8 @@ class NullSpaceLinear(nn.Module):
         self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters(recurse=False)}
         for p in base.parameters(recurse=False):
             p.requires_grad_(False)
-        dtype = float_dtype(base.weight.dtype)
-        device = base.weight.device
-        self.register_buffer("basis", basis.detach().to(device=device, dtype=dtype).contiguous())  # U [in, k]
+        self.register_buffer("basis", adapter_basis(basis, base))  # U [in, k]
+        dtype, device = self.basis.dtype, self.basis.device
         k = basis.shape[1]
         if k:
             self.M = nn.Parameter(torch.zeros(base.out_features, k, device=device, dtype=dtype))  # [out, k]
@@ -263,7 +268,7 @@ def inject_null_space_adapters(unet: nn.Module, bases: Mapping[str, torch.Tensor
         raise NullBoothError("expected at least one target basis to inject, got none")
     problems: list[str] = []
     # k and v of every layer share one text basis: it is checked, converted and stored once (SDXL: 140 targets,
-    # each check an O(in³) product and each copy 16 MB).
+    # each check an O(in·k²) float64 product and each copy 16 MB).
     checked: dict[tuple[int, int], str | None] = {}
     for path, basis in bases.items():
         try:
@@ -290,14 +295,14 @@ def inject_null_space_adapters(unet: nn.Module, bases: Mapping[str, torch.Tensor
     if problems:
         raise NullBoothError(f"cannot inject null-space adapters, {len(problems)} problem(s): " + "; ".join(problems))
     wrappers: dict[str, NullSpaceLinear] = {}
-    converted: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+    converted: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # by (basis, base weight dtype, device)
     for path, basis in bases.items():
         parent, child = _parent_and_child(unet, path)
         base = getattr(parent, child)
-        key = (id(basis), float_dtype(base.weight.dtype), base.weight.device)
+        key = (id(basis), base.weight.dtype, base.weight.device)
         if key not in converted:
-            converted[key] = basis.detach().to(device=key[2], dtype=key[1]).contiguous()
-        wrapper = NullSpaceLinear(base, converted[key])  # the converted basis is its buffer as it is, shared
+            converted[key] = adapter_basis(basis, base)
+        wrapper = NullSpaceLinear(base, converted[key])  # already converted: its buffer is this tensor, shared
         setattr(parent, child, wrapper)
         wrappers[path] = wrapper
     return wrappers

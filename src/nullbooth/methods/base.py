@@ -57,7 +57,10 @@ class WeightChanges(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
 
     def __init__(self, paths: Iterable[str] = (),
                  change: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        self._paths, self._change = list(paths), change
+        self._paths, self._change = dict.fromkeys(paths), change  # ordered, O(1) membership
+
+    def __contains__(self, path: object) -> bool:  # Mapping's own would compute the pair to answer
+        return path in self._paths
 
     def __getitem__(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         if path not in self._paths or self._change is None:

@@ -98,7 +98,7 @@ class NullBooth(Method):
         self.budgets: dict[str, LeakageBudget] = {}
         if self.update == "adapter":
             self.wrappers = inject_null_space_adapters(pipe.unet, self.bases)
-            # Each adapter holds its own basis; the float64 originals would stay alive beside the optimiser
+            # The adapters hold their float32 bases; the float64 originals would stay alive beside the optimiser
             # state for the whole run (GBs on SDXL with near-full null spaces).
             self.bases = {}
             # The adapter's own (rounded) basis: ΔW = M Uᵀ is certified as the model applies it.
@@ -160,9 +160,13 @@ class NullBooth(Method):
         # float64 products: the report certifies ΔW = M Uᵀ as the fp32 factors define it, not a rounded product.
         if self.update == "adapter":
             wrappers = null_space_adapters(self.pipe.unet)
-            return WeightChanges(wrappers, lambda p: (
-                wrappers[p].M.detach().double() @ wrappers[p].basis.double().T if wrappers[p].M is not None
-                else wrappers[p].get_delta_weight(), wrappers[p].base_layer.weight.detach()))
+
+            def change(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+                w = wrappers[path]
+                dW = w.M.detach().double() @ w.basis.double().T if w.M is not None else w.get_delta_weight()
+                return dW, w.base_layer.weight.detach()
+
+            return WeightChanges(wrappers, change)
         return WeightChanges(self.W0, lambda p: (self.targets[p].weight.detach().double() - self.W0[p].double(),
                                                  self.W0[p]))
 
