@@ -118,6 +118,38 @@ def test_value_module_matches_float64_formula(training):
     torch.testing.assert_close(out64, ref64, atol=1e-10, rtol=0)
 
 
+def test_concept_token_scope_edits_only_the_concept_positions():
+    """``gate_scope="concept_token"``: eq. 3 at the concept's own position, W e exactly everywhere else — also on a
+    later token that carries i* (what a causal text encoder does), where the paper's scope opens the gate."""
+    torch.manual_seed(3)
+    d_in, d_out, n = 16, 8, 6
+    C = _spd(d_in, seed=3)
+    lin = nn.Linear(d_in, d_out, bias=False)
+    e = torch.randn(2, n, d_in)
+    idx = torch.tensor([1, 2])
+    e[:, 4] = e[torch.arange(2), idx] + 0.01 * torch.randn(2, d_in)  # token 4 carries the concept
+    scoped = {}
+    for scope in ("all_tokens", "concept_token"):
+        m = Rank1EditModule(lin, C=C, input_decay=0.0, gate_scope=scope).train()
+        m(e, concept_indices=idx)  # i* := this batch's concept encodings (decay 0)
+        with torch.no_grad():
+            m.concept_outputs.copy_(torch.randn(1, d_out, generator=torch.Generator().manual_seed(4)))
+        scoped[scope] = m.eval()(e, concept_indices=idx).detach()
+    i, o = m.ema_concept_text_encs[0], m.concept_outputs[0].detach()
+    ref = _reference(e, lin.weight.detach(), C, i, o, m.eval_beta, m.eval_temperature)
+    base = (e @ lin.weight.T).detach()
+    torch.testing.assert_close(scoped["all_tokens"].double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    own = torch.zeros(2, n, dtype=torch.bool)
+    own[torch.arange(2), idx] = True
+    out = scoped["concept_token"]
+    assert torch.equal(out[~own], base[~own])  # every other token: exactly the frozen projection
+    torch.testing.assert_close(out[own].double(), ref[own], atol=1e-5 * ref.abs().max().item(), rtol=0)
+    assert (scoped["all_tokens"][:, 4] - base[:, 4]).norm() > 0.5 * o.norm()  # the paper's scope edits token 4
+    assert i.shape == (d_in,)
+    with pytest.raises(NullBoothError, match="gate_scope"):
+        Rank1EditModule(lin, C=C, gate_scope="everything")
+
+
 def test_key_module_locks_output_to_superclass_encoding():
     torch.manual_seed(1)
     d_in, d_out, n = 12, 6, 4
@@ -416,7 +448,7 @@ def test_save_load_roundtrip_and_multi_concept(pipe, tiny_C, tmp_path):
     editor.detach()
 
     loaded = load_concept(path)
-    assert loaded.token == TOKEN and loaded.superclass == SUPER
+    assert loaded.token == TOKEN and loaded.superclass == SUPER and loaded.gate_scope == "all_tokens"
     assert torch.equal(loaded.token_embedding, state.token_embedding)
     assert all(torch.equal(loaded.o_star[n], state.o_star[n]) and torch.equal(loaded.i_star[n], state.i_star[n]) for n in widths)
 
@@ -441,6 +473,30 @@ def test_save_load_roundtrip_and_multi_concept(pipe, tiny_C, tmp_path):
     # Equal up to float32 round-off of the two-concept solve, relative to the output's scale (measured ≤ 1e-5).
     torch.testing.assert_close(out_multi, ref, atol=2e-5 * float(ref.abs().max()), rtol=0)
     assert torch.isfinite(out_both).all() and not torch.allclose(out_both, ref, atol=1e-3)
+    editor.detach()
+
+
+def test_gate_scope_is_stored_in_the_concept_file_and_used_when_loaded(pipe, tiny_C, tmp_path):
+    editor = _attach(pipe, tiny_C, gate_scope="concept_token")
+    _perturb(editor, seed=5)
+    editor.save(tmp_path / "c.safetensors")
+    prompt = f"a {TOKEN} in a box"
+    with torch.no_grad(), editor.context():
+        ids, enc = _encode(pipe, [prompt])
+        _, value = next(iter(editor.modules.values()))
+        ref = value(enc)
+    editor.detach()
+    assert load_concept(tmp_path / "c.safetensors").gate_scope == "concept_token"
+    editor = PerfusionEditor.load(pipe, tmp_path / "c.safetensors", C=tiny_C, eigenvalue_floor=FLOOR)
+    _, value = next(iter(editor.modules.values()))
+    assert all(v.gate_scope == "concept_token" for _, v in editor.modules.values())
+    with torch.no_grad(), editor.context():
+        _, enc2 = _encode(pipe, [prompt])
+        out = value(enc2)
+    concept_at = int((ids[0] == pipe.tokenizer.convert_tokens_to_ids(TOKEN)).nonzero()[0, 0])
+    others = torch.arange(ids.shape[1]) != concept_at
+    assert torch.equal(out, ref)
+    assert torch.equal(out[0, others], (enc2 @ value.weight.T)[0, others])  # only the concept's own token is edited
     editor.detach()
 
 

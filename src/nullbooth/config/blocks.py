@@ -218,6 +218,10 @@ class PerfusionBlock(_Block):
     eval_beta: float | None = Field(None, description="gate β at inference; train: stored in the concept file (default "
                                     "0.70); generate: overrides the files' value")
     eval_tau: float | None = Field(None, gt=0.0, description="gate τ at inference (default 0.15); like eval_beta")
+    gate_scope: Literal["all_tokens", "concept_token"] = Field(
+        "all_tokens", description="tokens eq. 3 edits: 'all_tokens' (the paper: any token whose s(e) opens the gate) "
+        "or 'concept_token' (only the concept's own positions; for text encoders whose C is singular where the new "
+        "token points, which then open the gate on every later token); stored in the concept file")
     input_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay of the concept input i*")
     frac_gradient_concept_embed: float = Field(0.1, gt=0.0, le=1.0, description="gradient scale from the edited rows "
                                                "into the text encoder")

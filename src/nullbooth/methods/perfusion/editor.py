@@ -136,7 +136,7 @@ class PerfusionEditor:
         tokens = [c.token for c in concepts]
         if len(set(tokens)) != len(tokens):
             raise NullBoothError(f"two concept files use the same token ({tokens}); each concept needs its own token")
-        gates = {(c.eval_beta, c.eval_temperature, c.train_beta, c.train_temperature) for c in concepts}
+        gates = {(c.eval_beta, c.eval_temperature, c.train_beta, c.train_temperature, c.gate_scope) for c in concepts}
         if len(gates) > 1:
             warnings.warn(
                 f"concept files use different gate parameters {sorted(gates)}; "
@@ -144,7 +144,8 @@ class PerfusionEditor:
             )
         first = concepts[0]
         gate = dict(eval_beta=first.eval_beta, eval_temperature=first.eval_temperature, train_beta=first.train_beta,
-                    train_temperature=first.train_temperature, input_decay=first.input_decay)
+                    train_temperature=first.train_temperature, input_decay=first.input_decay,
+                    gate_scope=first.gate_scope)
         gate.update(module_kwargs)
         editor = cls._build(pipe, [(c.token, c.superclass) for c in concepts], C, layers=list(first.o_star),
                             eigenvalue_floor=eigenvalue_floor, multi_concepts_use_cholesky=use_cholesky, **gate)
@@ -282,7 +283,7 @@ class PerfusionEditor:
             self.concepts[k].token, self.concepts[k].superclass, vectors[0],
             i_star, o_star, eval_beta=value0.eval_beta, eval_temperature=value0.eval_temperature,
             train_beta=value0.train_beta, train_temperature=value0.train_temperature, input_decay=value0.input_decay,
-            token_embedding_2=vectors[1] if len(vectors) > 1 else None,
+            gate_scope=value0.gate_scope, token_embedding_2=vectors[1] if len(vectors) > 1 else None,
         )
 
     def save(self, path: str | os.PathLike, concept: int | str = 0, *, dtype: torch.dtype = torch.float32) -> int:

@@ -63,6 +63,7 @@ class PerfusionConcept:
     train_beta: float = 0.75
     train_temperature: float = 0.1
     input_decay: float = 0.99
+    gate_scope: str = "all_tokens"  # files written before the option gated every token
     token_embedding_2: Tensor | None = None  # [d₂], SDXL only
 
     @property
@@ -126,7 +127,7 @@ def _concept_payload(concept: PerfusionConcept, dtype: torch.dtype) -> tuple[dic
         "layers": json.dumps(list(concept.layer_widths.items())),
         "gate": json.dumps({"eval_beta": concept.eval_beta, "eval_temperature": concept.eval_temperature,
                             "train_beta": concept.train_beta, "train_temperature": concept.train_temperature,
-                            "input_decay": concept.input_decay}),
+                            "input_decay": concept.input_decay, "gate_scope": concept.gate_scope}),
     }
     return tensors, metadata
 

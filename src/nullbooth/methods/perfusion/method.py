@@ -119,7 +119,7 @@ class Perfusion(Method):
         resolution = cfg.resolution or default_size(pipe)
         self.masks = subject_masks(self.specs, resolution, resolution // pipe.vae_scale_factor)
         C, self.covariance = resolve_covariance(pipe, b)
-        gate: dict[str, Any] = {"train_beta": b.train_beta, "train_temperature": b.train_tau}
+        gate: dict[str, Any] = {"train_beta": b.train_beta, "train_temperature": b.train_tau, "gate_scope": b.gate_scope}
         if b.eval_beta is not None:
             gate["eval_beta"] = b.eval_beta
         if b.eval_tau is not None:
@@ -239,7 +239,7 @@ class Perfusion(Method):
             "value_lr": self.lr, "embedding_lr": self.embedding_lr, "weight_decay": b.weight_decay,
             "gate": {"train_beta": value.train_beta, "train_tau": value.train_temperature,
                      "eval_beta": value.eval_beta, "eval_tau": value.eval_temperature, "input_decay": value.input_decay,
-                     "frac_gradient_concept_embed": value.frac_gradient_concept_embed},
+                     "frac_gradient_concept_embed": value.frac_gradient_concept_embed, "gate_scope": value.gate_scope},
             "eigenvalue_floor": b.eigenvalue_floor, "covariance": self.covariance,
             "masks": any(s.mask_dir is not None for s in self.specs),
             "normalized_mask_min_value": b.normalized_mask_min_value,

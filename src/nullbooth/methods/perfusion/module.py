@@ -14,6 +14,11 @@ linear map ``W`` of the text encoding ``e``. Perfusion replaces it by::
   superclass: ``o*_K = W_K · e_H`` with ``e_H`` the superclass word's encoding at the concept
   position of the same prompt (the "where"). Keys therefore have no trainable parameter at all.
 * ``β, τ`` — gate bias/temperature (train 0.75/0.1, inference 0.70/0.15; overridable per call).
+* ``gate_scope`` — which tokens eq. 3 may edit: ``"all_tokens"`` (the paper: every token, by its ``s(e)``) or
+  ``"concept_token"`` (``s(e)`` kept only at the concept's own positions). A causal text encoder carries the concept
+  into every later encoding; where ``C`` is singular in the directions the new token adds (a text encoder that has
+  seen few words: its encodings span few directions, and the floored ``C⁻¹`` magnifies the rest), those later
+  tokens score ``s ≈ s(i*)``, the gate opens on the whole prompt and ``o*`` replaces it.
 
 Several concepts (Appendix B): the concept-removal term becomes the C⁻¹-orthogonal projection on
 ``span{i*_k}``; ``multi_concepts_use_cholesky=False`` uses the paper's approximation
@@ -35,7 +40,10 @@ from nullbooth.errors import NullBoothError
 from nullbooth.methods.perfusion.context import PerfusionContext, RowPlan
 from nullbooth.methods.perfusion.covariance import CLIP_L14_TEXT_WIDTH, inverse_covariance, load_shipped_covariance
 
-__all__ = ["Rank1EditModule", "merge_rank1_edit_modules"]
+__all__ = ["GATE_SCOPES", "GateScope", "Rank1EditModule", "merge_rank1_edit_modules"]
+
+GateScope = Literal["all_tokens", "concept_token"]
+GATE_SCOPES: tuple[str, ...] = ("all_tokens", "concept_token")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -106,6 +114,7 @@ class Rank1EditModule(nn.Module):
         multi_concepts_use_cholesky: bool = False,
         eigenvalue_floor: float | Literal["auto"] | None = None,
         context: PerfusionContext | None = None,
+        gate_scope: GateScope = "all_tokens",
     ) -> None:
         super().__init__()
         if not isinstance(key_or_values_proj, nn.Linear):
@@ -126,6 +135,8 @@ class Rank1EditModule(nn.Module):
             )
         if not 0.0 < frac_gradient_concept_embed <= 1.0:
             raise NullBoothError(f"expected frac_gradient_concept_embed in (0, 1], got {frac_gradient_concept_embed}")
+        if gate_scope not in GATE_SCOPES:
+            raise NullBoothError(f"expected gate_scope one of {GATE_SCOPES}, got {gate_scope!r}")
         self.weight = key_or_values_proj.weight  # the same Parameter: state-dict key "<proj>.weight" is unchanged
         self.register_parameter("bias", None)
         self.__dict__["base_layer"] = key_or_values_proj  # not a submodule: no duplicate state
@@ -137,6 +148,7 @@ class Rank1EditModule(nn.Module):
         self.eval_beta, self.eval_temperature = eval_beta, eval_temperature
         self.frac_gradient_concept_embed = frac_gradient_concept_embed
         self.multi_concepts_use_cholesky = multi_concepts_use_cholesky
+        self.gate_scope = gate_scope
         self.text_seq_len = text_seq_len
         self.context = context
 
@@ -168,7 +180,8 @@ class Rank1EditModule(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "key (locked to superclass)" if self.is_key_proj else "value"
-        return f"in={self.in_features}, out={self.out_features}, {kind}, concepts={self.num_concepts}"
+        return (f"in={self.in_features}, out={self.out_features}, {kind}, concepts={self.num_concepts}, "
+                f"gate_scope={self.gate_scope}")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """``[o*_V]`` for a value module, ``[]`` for a key module (W is never trained)."""
@@ -282,11 +295,18 @@ class Rank1EditModule(nn.Module):
         energy = (u * i_star).sum(-1)  # [K]   i*ᵀ C⁻¹ i*
         energy = torch.where(present, energy, torch.ones_like(energy))  # absent concepts never enter below
         s = (e @ u.T) / energy  # [r, n, K]  eq. 3 similarity
-        a = active[:, None, :].to(dtype)  # [r, 1, K]
+        a = active[:, None, :].to(dtype)  # [r, 1, K]: which tokens concept k may edit
+        own = None
+        if self.gate_scope == "concept_token":  # only where concept k sits in row r (its gate σ(−β/τ) > 0 elsewhere)
+            own = (torch.arange(e.shape[1], device=e.device)[None, :, None] == plan.positions[:, None, :]) \
+                & active[:, None, :]  # [r, n, K]
+            a = own.to(dtype)
         We = e @ W.T  # [r, n, o]
         Wi = i_star @ W.T  # [K, o]
         if self.multi_concepts_use_cholesky and int(active.sum(1).max()) > 1:
             orth = self._orthogonal_cholesky(e, We, W, i_star, s, a, active)
+            if own is not None:  # the joint projection is per row: keep it at the concepts' own tokens only
+                orth = torch.where(own.any(-1, keepdim=True), orth, We)
         else:
             orth = We - (s * a) @ Wi  # W e − Σ_k s_k W i*_k (exact for one concept)
         beta, tau = self._gate_params()
@@ -380,7 +400,7 @@ def merge_rank1_edit_modules(*modules: Rank1EditModule, use_cholesky: bool = Fal
         is_key_proj=first.is_key_proj, input_decay=first.input_decay, train_beta=first.train_beta,
         train_temperature=first.train_temperature, eval_beta=first.eval_beta, eval_temperature=first.eval_temperature,
         frac_gradient_concept_embed=first.frac_gradient_concept_embed, multi_concepts_use_cholesky=use_cholesky,
-        context=first.context, text_seq_len=first.text_seq_len,
+        context=first.context, text_seq_len=first.text_seq_len, gate_scope=first.gate_scope,
     )
     merged.to(first.C_inv.device)
     with torch.no_grad():
