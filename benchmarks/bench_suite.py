@@ -19,12 +19,19 @@ the cross-attention weights, unconstrained), ``lora`` (diffusers' default target
 committed sweep (``--sweep`` writes ``lr_sweep.json``: every method at each rate of its grid on the first
 ``--sweep-subjects`` random suite subjects; the rate with the best mean of fidelity and preservation wins).
 
+Every method trains with the same loss weighting: diffusers' plain ε-MSE by default, Min-SNR-γ with ``--snr-gamma``
+(Hang et al. 2023; diffusers' ``--snr_gamma``). The plain loss is dominated by the smallest timesteps (on ``tiny-sd``
+the base model's loss on a subject's instance images is 280× larger at t = 50 than at t = 950:
+``results/timesteps.md``), where only fine detail is decided; ``results/snr5/`` holds the suite at γ = 5.
+
 Every number is a mean over subjects × training seeds with a 95 % Student-t interval.
 
     python benchmarks/bench_suite.py --sweep                    # the learning-rate sweep → results/lr_sweep.json
     python benchmarks/bench_suite.py --shard 0/2 & python benchmarks/bench_suite.py --shard 1/2; \
         python benchmarks/bench_suite.py --report               # the committed table and plot
     python benchmarks/bench_suite.py --quick --out /tmp/b       # a CI-sized slice (a minute or two)
+    # results/snr5: the same steps with --snr-gamma 5 --out benchmarks/results/snr5 (the main run with --seeds 2), every
+    # variant but "nullbooth relative 1e-3" (--methods), 2 sampling seeds
 
 Runs are resumable: each (subject, method, seed) writes its rows to ``--work``/rows and is skipped when present.
 Writes ``suite.json``, ``suite.md`` and ``suite.png`` to ``--out`` (default ``benchmarks/results``).
@@ -115,7 +122,7 @@ def train_config(args, inputs: Inputs, subject, v: Variant, lr: float, seed: int
         "pretrained_model_name_or_path": args.model, "seed": seed, "method": v.method, "output_dir": str(out),
         "instance_data_dir": str(instance_dir(Path(args.work), subject, args.instances)),
         "instance_prompt": instance_prompt(subject), "learning_rate": lr,
-        "train_batch_size": args.batch, "max_train_steps": args.steps,
+        "train_batch_size": args.batch, "max_train_steps": args.steps, "snr_gamma": args.snr_gamma or None,
         "checkpointing_steps": max(1, args.steps // args.checkpoints),
         "nullbooth": {"original_knowledge_prompts": str(inputs.prior_file), "num_denoising_steps": args.collect_steps,
                       "cov_matrices_output_dir": str(Path(args.work) / "cov"), "collection_batch_size": 16},
@@ -391,10 +398,12 @@ def sweep_choice(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def to_markdown(result: dict[str, Any]) -> str:
     a = result["settings"]
     finals = [c for c in result["curves"] if c["step"] in (0, a["steps"])]
-    cols = [("subject_match", "subject match ↑"), ("subject_similarity", "subject sim ↑"),
-            ("in_context", "in context ↑"), ("prior_agreement", "prior agree ↑"), ("class_agreement", "class agree ↑")]
+    cols = [("subject_match", "subject match ↑"), ("match_colour", "colour ↑"), ("match_pattern", "pattern ↑"),
+            ("subject_similarity", "subject sim ↑"), ("in_context", "in context ↑"),
+            ("prior_agreement", "prior agree ↑"), ("class_agreement", "class agree ↑")]
     lines = [f"Model `{a['model']}`, {len(result['subjects'])} subjects × {a['seeds']} training seed(s), "
-             f"{a['steps']} steps × batch {a['batch']} per method at its swept learning rate; "
+             f"{a['steps']} steps × batch {a['batch']} per method at its swept learning rate"
+             f"{loss_weighting(a)}; "
              f"{a['subject_prompts']} subject, {a['eval_prompts']} preservation and {a['class_prompts']} class prompts "
              f"× {a['sample_seeds']} sampling seeds, {a['sample_steps']} steps, guidance {a['guidance']}. "
              "Mean ± 95 % interval over subjects × seeds.", "",
@@ -405,6 +414,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {c['label']} | {lr} | " + " | ".join(f"{c[k]:.3f} ± {c[k + '_ci95']:.3f}" for k, _ in cols)
                      + f" | {c['train_seconds']:.0f} |")
     return "\n".join(lines + ["", *metric_check(result)]) + "\n"
+
+
+def loss_weighting(settings: dict[str, Any]) -> str:
+    gamma = settings.get("snr_gamma")  # absent from results written before the flag: the plain ε-MSE
+    return f", Min-SNR-γ {gamma:g}" if gamma else ", plain ε-MSE"
 
 
 def metric_check(result: dict[str, Any], reference: str = "dreambooth") -> list[str]:
@@ -459,7 +473,7 @@ def report(args) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "steps", "batch", "checkpoints", "seeds", "sample_seeds",
                                               "sample_steps", "guidance", "eval_prompts", "class_prompts",
-                                              "subject_prompts", "prior", "instances")}
+                                              "subject_prompts", "prior", "instances", "snr_gamma")}
     machine = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__}
     if args.sweep:
         result = {"settings": settings, "machine": machine, **sweep_choice(load_rows(work, "sweep")),
@@ -486,6 +500,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--checkpoints", type=int, default=2, help="evenly spaced checkpoints scored along training")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--snr-gamma", type=float, default=0.0,
+                   help="Min-SNR-γ loss weighting for every method (default 0: off, diffusers' plain ε-MSE)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per subject")
     p.add_argument("--methods", nargs="*", default=None, help="variant labels (default: all of VARIANTS)")
     p.add_argument("--sweep", action="store_true", help="the learning-rate sweep instead of the benchmark")

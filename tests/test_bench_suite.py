@@ -79,6 +79,7 @@ def test_quick_slice_runs_end_to_end(tmp_path):
         assert 0.0 <= c["subject_match"] <= 1.0 and c["subject_match_ci95"] >= 0.0
     table = (tmp_path / "out" / "suite.md").read_text()
     assert "| dreambooth |" in table and "±" in table
+    assert result["settings"]["snr_gamma"] == 0.0 and "plain ε-MSE;" in table and "| colour ↑ | pattern ↑ |" in table
     assert (tmp_path / "out" / "suite.png").stat().st_size > 0
     budgeted = [r for r in result["rows"] if r["label"] == "nullbooth ε 0.1"]
     assert budgeted and all(r["max_leak_preserved"] <= 0.1 * (1 + 1e-9) for r in budgeted)  # certified
