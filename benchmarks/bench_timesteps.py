@@ -6,6 +6,11 @@ subject's five instance images with the real ``nullbooth.training.loop.train``, 
 - the **instance loss by timestep**: ``‖ε − ε_θ(√ᾱ_t z₀ + √(1−ᾱ_t) ε, t, τ(y))‖²`` on the instance latents at fixed
   t, averaged over ``--noise-draws`` seeded noise draws (the same draws for the base model and every run): where the
   training signal went;
+- the **guidance split**: on the same noisy latents, how far the run moved the conditional prediction
+  (``δ_c = ε_θ'(z_t, y) − ε_θ(z_t, y)``) and the unconditional one (``δ_u``, empty prompt), their cosine, against the
+  base model's own guidance direction ``‖ε_θ(z_t, y) − ε_θ(z_t, ∅)‖``: guidance g adds ``δ_u + g (δ_c − δ_u)``, so a
+  method that keeps ``δ_u = 0`` has its learned shift multiplied by g, and one whose ``δ_u`` differs from ``δ_c`` has the
+  difference multiplied;
 - the **judged attributes** of samples for the subject's prompts at guidance 1, 2 and 4 (shape, main colour, pattern
   kind, all four): whether what the conditional branch learned survives classifier-free guidance.
 
@@ -35,6 +40,7 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TIMESTEPS = (50, 250, 500, 750, 950)
+SPLIT_TIMESTEPS = (950, 750, 500)
 GUIDANCES = (1.0, 2.0, 4.0)
 
 
@@ -83,15 +89,23 @@ def to_concept(prompt: str, subject) -> str:
     return prompt.replace(f"{subject.identifier} ", f"<{subject.identifier}> ")
 
 
+def latents(pipe, images) -> torch.Tensor:
+    """The instance images' posterior means, scaled: ``[n, c, h, w]``."""
+    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def encode(pipe, prompt: str, n: int) -> torch.Tensor:
+    tok = pipe.tokenizer
+    ids = tok([prompt] * n, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
 @torch.no_grad()
 def loss_by_timestep(pipe, images, prompt: str, draws: int) -> dict[str, float]:
     """Mean ε-MSE on the instance latents (posterior means) at each of :data:`TIMESTEPS`, seeded noise."""
-    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
-    z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor  # [n, c, h, w]
-    tok = pipe.tokenizer
-    ids = tok([prompt] * len(images), padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    text = pipe.text_encoder(ids)[0]
+    z, text = latents(pipe, images), encode(pipe, prompt, len(images))
     out = {}
     for t in TIMESTEPS:
         g = torch.Generator().manual_seed(t)
@@ -102,6 +116,26 @@ def loss_by_timestep(pipe, images, prompt: str, draws: int) -> dict[str, float]:
             pred = pipe.unet(pipe.scheduler.add_noise(z, eps, tt), tt, text).sample
             losses.append(float(((pred - eps) ** 2).mean()))
         out[str(t)] = float(np.mean(losses))
+    return out
+
+
+@torch.no_grad()
+def guidance_split(base, pipe, images, prompt: str) -> dict[str, dict[str, float]]:
+    """Per t of :data:`SPLIT_TIMESTEPS`: ``‖δ_c‖``, ``‖δ_u‖``, ``cos(δ_c, δ_u)`` and the base's ``‖ε_c − ε_u‖``,
+    each a mean over the instance images (norms over the whole latent), one seeded noise draw."""
+    z, n = latents(base, images), len(images)
+    cond, uncond = encode(pipe, prompt, n), encode(pipe, "", n)
+    base_cond, base_uncond = encode(base, prompt, n), encode(base, "", n)
+    out = {}
+    for t in SPLIT_TIMESTEPS:
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(t))
+        tt = torch.full((n,), t)
+        zt = base.scheduler.add_noise(z, eps, tt)
+        bc, bu = base.unet(zt, tt, base_cond).sample.flatten(1), base.unet(zt, tt, base_uncond).sample.flatten(1)
+        dc, du = pipe.unet(zt, tt, cond).sample.flatten(1) - bc, pipe.unet(zt, tt, uncond).sample.flatten(1) - bu
+        out[str(t)] = {"delta_cond": float(dc.norm(dim=1).mean()), "delta_uncond": float(du.norm(dim=1).mean()),
+                       "cos": float(torch.nn.functional.cosine_similarity(dc, du, dim=1).mean()),
+                       "base_guidance": float((bc - bu).norm(dim=1).mean())}
     return out
 
 
@@ -154,6 +188,7 @@ def measure(args) -> dict[str, Any]:
             rows.append({"label": run.label, "method": run.method, "lr": run.lr, "snr_gamma": run.snr_gamma,
                          "settings": run.settings, "train_seconds": round(seconds, 1),
                          "loss": loss_by_timestep(pipe, images, cfg.instance_prompt, args.noise_draws),
+                         "guidance_split": guidance_split(base, pipe, images, cfg.instance_prompt),
                          "judged": judged(pipe, judge, subject,
                                           [to_concept(p, subject) if concept else p for p in prompts],
                                           seeds, args.sample_steps)})
@@ -182,6 +217,16 @@ def markdown(result: dict[str, Any]) -> str:
         judged = " | ".join("{colour:.2f} · {pattern:.2f} · {subject:.2f}".format(**r["judged"][f"{g:g}"])
                             for g in result["guidances"])
         lines.append(f"| {r['label']} | {loss} | {judged} |")
+    split = [r for r in result["rows"] if "guidance_split" in r]
+    first = split[0]["guidance_split"] if split else {}
+    lines += ["", "Guidance split: ‖δ_c‖ / ‖δ_u‖ / cos(δ_c, δ_u) — the run's change of the conditional and the "
+              "unconditional prediction on the same noisy instance latents; the base model's guidance direction "
+              "‖ε_c − ε_u‖ is " + ", ".join(f"{first[t]['base_guidance']:.2f} at t={t}" for t in first) + ".", "",
+              "| run | " + " | ".join(f"t={t}" for t in first) + " |", "|---" * (1 + len(first)) + "|"]
+    for r in split:
+        g = r["guidance_split"]
+        lines.append(f"| {r['label']} | " + " | ".join(
+            f"{g[t]['delta_cond']:.2f} / {g[t]['delta_uncond']:.2f} / {g[t]['cos']:.2f}" for t in first) + " |")
     return "\n".join(lines) + "\n"
 
 

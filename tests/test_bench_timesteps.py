@@ -27,5 +27,10 @@ def test_tiny_run_writes_every_run_with_losses_and_judged_shares(tmp_path):
         assert set(r["judged"]) == {"1", "2", "4"}
         assert all(0.0 <= v <= 1.0 for shares in r["judged"].values() for v in shares.values())
     assert dreambooth["loss"] != base["loss"]  # training changed the model the losses were measured on
+    for r in result["rows"][1:]:
+        for split in r["guidance_split"].values():
+            assert split["delta_cond"] >= 0 and split["delta_uncond"] >= 0 and -1 - 1e-6 <= split["cos"] <= 1 + 1e-6
+            assert split["base_guidance"] > 0
+    assert dreambooth["guidance_split"]["950"]["delta_uncond"] > 0  # the whole UNet moves the empty prompt too
     table = (tmp_path / "timesteps.md").read_text()
-    assert table.count("\n| ") == len(labels) + 1 and "loss t=950" in table
+    assert table.count("\n| ") == 2 * len(labels) + 1 and "loss t=950" in table and "Guidance split" in table
