@@ -14,8 +14,9 @@ checkpoint is scored against the base model with the same prompts and seeds:
   size with the base model; ``class_agreement`` the same on prompts naming the subject's class (drift).
 
 Methods (:data:`VARIANTS`): ``dreambooth`` (full UNet, diffusers' recipe), ``attn2_finetune`` (Custom-Diffusion-like:
-the cross-attention weights, unconstrained), ``lora`` (diffusers' default targets), ``oft`` (peft), ``perfusion``,
-``nullbooth`` (a null-space threshold, and a certified leakage budget ε). Each method's learning rate comes from the
+the cross-attention weights, unconstrained), ``lora`` (diffusers' default targets), ``oft`` (peft), ``perfusion``
+(as published, and with ``gate_scope: concept_token``), ``nullbooth`` (a null-space threshold, and a certified leakage
+budget ε). Each method's learning rate comes from the
 committed sweep (``--sweep`` writes ``lr_sweep.json``: every method at each rate of its grid on the first
 ``--sweep-subjects`` random suite subjects; the rate with the best mean of fidelity and preservation wins).
 
@@ -78,6 +79,7 @@ VARIANTS: tuple[Variant, ...] = (
     # OFT rotates every attention input: at 1e-3 it already lost half the base model's answers (the first sweep).
     Variant("oft", "oft", {}, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)),
     Variant("perfusion", "perfusion", {}, (1e-2, 3e-2, 1e-1)),  # o*_V's rate; the paper's 0.03 in the middle
+    Variant("perfusion concept_token", "perfusion", {"perfusion": {"gate_scope": "concept_token"}}, (1e-2, 3e-2, 1e-1)),
     Variant("nullbooth relative 1e-3", "nullbooth",
             {"nullbooth": {"nullspace_mode": "relative", "nullspace_threshold": 1e-3}}, (1e-3, 3e-3, 1e-2)),
     Variant("nullbooth ε 0.1", "nullbooth", {"nullbooth": {"nullspace_mode": "rank", "nullspace_threshold": 0,
