@@ -28,11 +28,12 @@ the base model's loss on a subject's instance images is 280× larger at t = 50 t
 Every number is a mean over subjects × training seeds with a 95 % Student-t interval.
 
     python benchmarks/bench_suite.py --sweep                    # the learning-rate sweep → results/lr_sweep.json
-    python benchmarks/bench_suite.py --shard 0/2 & python benchmarks/bench_suite.py --shard 1/2; \
-        python benchmarks/bench_suite.py --report               # the committed table and plot
+    S="--seeds 2 --methods dreambooth attn2_finetune lora oft perfusion 'perfusion concept_token' 'nullbooth ε 0.1'"
+    eval python benchmarks/bench_suite.py $S --shard 0/2 & eval python benchmarks/bench_suite.py $S --shard 1/2; \
+        wait; eval python benchmarks/bench_suite.py $S --report  # the committed table and plot
     python benchmarks/bench_suite.py --quick --out /tmp/b       # a CI-sized slice (a minute or two)
-    # results/snr5: the same steps with --snr-gamma 5 --out benchmarks/results/snr5 (the main run with --seeds 2), every
-    # variant but "nullbooth relative 1e-3" (--methods), 2 sampling seeds
+    # results/snr5: the same three steps with --snr-gamma 5 --sample-seeds 2 --out benchmarks/results/snr5
+    # (without 'perfusion concept_token', which came later)
 
 Runs are resumable: each (subject, method, seed) writes its rows to ``--work``/rows and is skipped when present.
 Writes ``suite.json``, ``suite.md`` and ``suite.png`` to ``--out`` (default ``benchmarks/results``).
@@ -516,7 +517,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=16)
     p.add_argument("--class-prompts", type=int, default=8)
     p.add_argument("--subject-prompts", type=int, default=9)
-    p.add_argument("--sample-seeds", type=int, default=2)
+    p.add_argument("--sample-seeds", type=int, default=1, help="sampling seeds per prompt")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
