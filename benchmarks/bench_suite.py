@@ -119,7 +119,7 @@ def instance_dir(work: Path, subject, n: int) -> Path:
 
 def train_config(args, inputs: Inputs, subject, v: Variant, lr: float, seed: int, out: Path, stats_run: Path | None):
     from nullbooth.config import config_from_dict
-    from nullbooth.world.subjects import instance_prompt
+    from nullbooth.world.subjects import instance_prompt, with_concept_token
 
     cfg: dict[str, Any] = {
         "pretrained_model_name_or_path": args.model, "seed": seed, "method": v.method, "output_dir": str(out),
@@ -132,8 +132,8 @@ def train_config(args, inputs: Inputs, subject, v: Variant, lr: float, seed: int
     }
     if v.method == "perfusion":
         # Perfusion binds a new token; its keys are locked to the superclass word.
-        cfg["instance_prompt"] = f"a <{subject.identifier}> {subject.class_name}"
-        cfg["perfusion"] = {"concept_token": f"<{subject.identifier}>", "superclass": subject.class_name,
+        cfg["instance_prompt"] = with_concept_token(instance_prompt(subject), subject)
+        cfg["perfusion"] = {"concept_token": subject.concept_token, "superclass": subject.class_name,
                             "covariance_prompts": str(inputs.prior_file)}
     for key, value in v.settings.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
@@ -145,7 +145,9 @@ def train_config(args, inputs: Inputs, subject, v: Variant, lr: float, seed: int
 def prompts_for(v: Variant | None, subject, prompts: list[str]) -> list[str]:
     if v is None or v.method != "perfusion":
         return prompts
-    return [p.replace(f"{subject.identifier} ", f"<{subject.identifier}> ") for p in prompts]
+    from nullbooth.world.subjects import with_concept_token
+
+    return [with_concept_token(p, subject) for p in prompts]
 
 
 # ------------------------------------------------------------------------------------------- scoring

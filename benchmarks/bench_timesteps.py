@@ -65,7 +65,7 @@ RUNS: tuple[Run, ...] = (
 
 def config(run: Run, subject, folder: Path, prior: Path, args) -> Any:
     from nullbooth.config import config_from_dict
-    from nullbooth.world.subjects import instance_prompt
+    from nullbooth.world.subjects import instance_prompt, with_concept_token
 
     prompt = instance_prompt(subject)
     cfg: dict[str, Any] = {
@@ -77,16 +77,12 @@ def config(run: Run, subject, folder: Path, prior: Path, args) -> Any:
                       "cov_matrices_output_dir": str(folder.parent / "cov"), "collection_batch_size": 16},
     }
     if run.method == "perfusion":  # a new token, keys locked to the class word (as bench_suite.py)
-        cfg["instance_prompt"] = to_concept(prompt, subject)
-        cfg["perfusion"] = {"concept_token": f"<{subject.identifier}>", "superclass": subject.class_name,
+        cfg["instance_prompt"] = with_concept_token(prompt, subject)
+        cfg["perfusion"] = {"concept_token": subject.concept_token, "superclass": subject.class_name,
                             "covariance_prompts": str(prior)}
     for key, value in run.settings.items():
         cfg[key] = {**cfg.get(key, {}), **value}
     return config_from_dict(cfg)
-
-
-def to_concept(prompt: str, subject) -> str:
-    return prompt.replace(f"{subject.identifier} ", f"<{subject.identifier}> ")
 
 
 def latents(pipe, images) -> torch.Tensor:
@@ -96,10 +92,10 @@ def latents(pipe, images) -> torch.Tensor:
 
 
 def encode(pipe, prompt: str, n: int) -> torch.Tensor:
-    tok = pipe.tokenizer
-    ids = tok([prompt] * n, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
+    """``prompt``'s encoding, ``n`` times: ``[n, 77, d]``."""
+    from nullbooth.conditioning import encode_prompts
+
+    return encode_prompts(pipe, [prompt] * n).hidden
 
 
 @torch.no_grad()
@@ -159,7 +155,13 @@ def measure(args) -> dict[str, Any]:
     from nullbooth.training.loop import train
     from nullbooth.world.judge import load_judge
     from nullbooth.world.scenes import prior_prompts
-    from nullbooth.world.subjects import instance_prompt, subject_instances, subject_prompts, subject_suite
+    from nullbooth.world.subjects import (
+        instance_prompt,
+        subject_instances,
+        subject_prompts,
+        subject_suite,
+        with_concept_token,
+    )
 
     torch.set_num_threads(args.threads)
     subject = subject_suite(max(args.subject, 1))[args.subject]
@@ -190,7 +192,7 @@ def measure(args) -> dict[str, Any]:
                          "loss": loss_by_timestep(pipe, images, cfg.instance_prompt, args.noise_draws),
                          "guidance_split": guidance_split(base, pipe, images, cfg.instance_prompt),
                          "judged": judged(pipe, judge, subject,
-                                          [to_concept(p, subject) if concept else p for p in prompts],
+                                          [with_concept_token(p, subject) if concept else p for p in prompts],
                                           seeds, args.sample_steps)})
             print(f"{run.label}: {rows[-1]['loss']}  {rows[-1]['judged']}", flush=True)
     finally:

@@ -23,7 +23,15 @@ from nullbooth.world.scenes import (
     parse_prompt,
     prior_prompts,
 )
-from nullbooth.world.subjects import SUBJECT, class_prompts, subject_instances, subject_prompts, write_prompt_lists
+from nullbooth.world.subjects import (
+    SUBJECT,
+    class_prompts,
+    subject_instances,
+    subject_prompts,
+    subject_suite,
+    with_concept_token,
+    write_prompt_lists,
+)
 
 WORLD = World()
 
@@ -154,6 +162,15 @@ def test_subject_instances_and_prompt_lists(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ judge
+
+
+def test_concept_token_prompts_rewrite_only_the_identifier():
+    subject = subject_suite(1)[1]
+    assert subject.concept_token == "<sks>"
+    for prompt in subject_prompts(subject):
+        rewritten = with_concept_token(prompt, subject)
+        assert rewritten == prompt.replace("sks ", "<sks> ", 1) and rewritten.count("<sks>") == 1
+    assert with_concept_token("a red circle", subject) == "a red circle"  # no identifier: unchanged
 
 
 def test_judge_save_load_roundtrip_and_interface(tmp_path):

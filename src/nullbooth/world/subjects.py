@@ -80,6 +80,11 @@ class Subject:
         return self.shape
 
     @property
+    def concept_token(self) -> str:
+        """The identifier as a token of its own (``"<sks>"``): what Perfusion adds to the vocabulary."""
+        return f"<{self.identifier}>"
+
+    @property
     def description(self) -> str:
         fill = _hex(self.colour)
         if self.pattern == "solid":
@@ -180,6 +185,11 @@ def subject_instances(n: int = 5, subject: Subject = SUBJECT, resolution: int = 
 
 def instance_prompt(subject: Subject = SUBJECT) -> str:
     return f"a {subject.identifier} {subject.class_name}"
+
+
+def with_concept_token(prompt: str, subject: Subject = SUBJECT) -> str:
+    """``prompt`` with the subject's identifier written as its :attr:`Subject.concept_token`."""
+    return prompt.replace(f"{subject.identifier} ", f"{subject.concept_token} ")
 
 
 def subject_prompts(subject: Subject = SUBJECT) -> list[str]:

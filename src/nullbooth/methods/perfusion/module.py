@@ -15,8 +15,8 @@ linear map ``W`` of the text encoding ``e``. Perfusion replaces it by::
   position of the same prompt (the "where"). Keys therefore have no trainable parameter at all.
 * ``β, τ`` — gate bias/temperature (train 0.75/0.1, inference 0.70/0.15; overridable per call).
 * ``gate_scope`` — which tokens eq. 3 may edit: ``"all_tokens"`` (the paper: every token, by its ``s(e)``) or
-  ``"concept_token"`` (the edit, removal and gate, only at the concept's own positions). A causal text encoder carries the concept
-  into every later encoding; where ``C`` is singular in the directions the new token adds (a text encoder that has
+  ``"concept_token"`` (the edit, removal and gate, only at the concept's own positions). A causal text encoder
+  carries the concept into every later encoding; where ``C`` is singular in the directions the new token adds (a text encoder that has
   seen few words: its encodings span few directions, and the floored ``C⁻¹`` magnifies the rest), those later
   tokens score ``s ≈ s(i*)``, the gate opens on the whole prompt and ``o*`` replaces it.
 
@@ -29,7 +29,7 @@ seed's code gets wrong).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from nullbooth.methods.perfusion.covariance import CLIP_L14_TEXT_WIDTH, inverse_
 __all__ = ["GATE_SCOPES", "GateScope", "Rank1EditModule", "merge_rank1_edit_modules"]
 
 GateScope = Literal["all_tokens", "concept_token"]
-GATE_SCOPES: tuple[str, ...] = ("all_tokens", "concept_token")
+GATE_SCOPES: tuple[str, ...] = get_args(GateScope)
 
 
 class _ScaleGrad(torch.autograd.Function):
