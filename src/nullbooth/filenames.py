@@ -19,6 +19,7 @@ MANIFEST = "manifest.json"
 PROMPTS_FILE = "prompts.txt"
 SUMMED_STATS = Path("stats") / "summed.safetensors"
 SUMMED_SPECTRA = Path("stats") / "summed_eig.safetensors"  # eigh of each summed statistic / count, written once
+UNET_MOMENTS = "unet_moments.safetensors"  # nullbooth.scope unet: summed input statistics of every other UNet weight
 TIMESTEP_SUMS_DIR = Path("stats") / "timestep_sums"
 OLD_TIMESTEP_SUMS = Path("stats") / "timestep_sums.safetensors"
 COLLECT_CHECKPOINT = Path(".partial") / "checkpoint.safetensors"  # one shard; checkpoint.rank{r}.safetensors per shard

@@ -97,6 +97,14 @@ def trained_on(folder: Path) -> str | None:
     return None
 
 
+def trained_method(path: str | Path) -> str | None:
+    """The method the training output at ``path`` (its folder, or a file in it) records in ``train_config.json``, if
+    any: a whole ``unet/`` may be dreambooth's or nullbooth's with ``scope: unet``."""
+    path = Path(path)
+    config = (path if path.is_dir() else path.parent) / TRAIN_CONFIG
+    return read_json(config, "a training config").get("method") if config.is_file() else None
+
+
 def _header_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Tensor name → shape from safetensors headers (nothing is loaded)."""
     from safetensors import SafetensorError, safe_open
@@ -416,6 +424,7 @@ def _draw(pipe, cfg: Config, source: Path | None, prompts: list[str], seeds: lis
         kind = "base"
     else:
         kind = load_personalization(pipe, source, cfg.perfusion, cfg.pretrained_model_name_or_path)
+        kind = trained_method(source) or kind
     written = []
     for i, images in _rows(pipe, prompts, seeds, cfg, size, names):
         write_image(names.grid(i), image_grid(images))

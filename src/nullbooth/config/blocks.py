@@ -144,6 +144,10 @@ class NullBoothBlock(_Block):
     leakage_budget: float | None = Field(
         None, gt=0.0, description="ε: after every optimizer step each protected weight keeps ‖ΔW X₀‖_F / ‖W X₀‖_F ≤ ε on the "
         "collected prior statistics (exact projection onto that ellipsoid); None: the threshold alone")
+    scope: Literal["attn2", "unet"] = Field(
+        "attn2", description="what NullBooth trains: attn2 (the cross-attention weights, the seed's) | unet (every Linear "
+        "and Conv2d weight of the UNet, each in the null space of its own prior inputs and under leakage_budget; "
+        "biases and norms frozen; trains full weights (the projected update) and writes the whole unet/ folder)")
     leakage_penalty: float = Field(0.0, ge=0.0, description="γ: soft form, adds γ · Σ_W leakage(W)² to the loss "
                                    "(no guarantee; combine with leakage_budget for one)")
 

@@ -283,6 +283,12 @@ def training_problems(cfg: Config) -> list[str]:
         if not nb.enable:
             problems.append("nullbooth.enable: method 'nullbooth' needs enable: true; for an unconstrained run set "
                             "method: attn2_finetune (the same weights) or dreambooth (the whole UNet)")
+        if nb.scope == "unet" and cfg.nullbooth_update == "adapter" and "nullbooth_update" in cfg.model_fields_set:
+            problems.append("nullbooth_update: adapter factors ΔW = M Uᵀ of attn2 only, and nullbooth.scope unet trains "
+                            "every UNet weight in place; remove nullbooth_update or set it to projected")
+        if nb.scope == "unet" and cfg.train_text_encoder:
+            problems.append("train_text_encoder: nullbooth.scope unet writes the whole unet/ folder, which carries no "
+                            "text-encoder LoRA; turn train_text_encoder off, or use nullbooth.scope attn2")
         if nb.stats_run is None and nb.original_knowledge_prompts is None:
             problems.append("nullbooth.original_knowledge_prompts: method 'nullbooth' needs a statistics run; give the "
                             "prior prompts file (the run is collected or reused) or nullbooth.stats_run")

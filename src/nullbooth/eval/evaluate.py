@@ -57,7 +57,13 @@ from nullbooth.filenames import (
     TRAIN_CONFIG,
     WORLD_MODEL_MARKER,
 )
-from nullbooth.generate import check_fits, check_output_dir, find_personalization, load_personalization
+from nullbooth.generate import (
+    check_fits,
+    check_output_dir,
+    find_personalization,
+    load_personalization,
+    trained_method,
+)
 from nullbooth.io import read_json, write_image, write_json, write_text
 from nullbooth.models import load_pipeline, resolve_model_path
 from nullbooth.report.grids import captioned_rows
@@ -406,6 +412,7 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
         what = "model"
     else:
         what = load_personalization(pipe, pers_path, PerfusionBlock(), req.base)
+        what = trained_method(pers_path) or what
     pers = render(pipe, req.prompts, req.sampling)
 
     report: dict[str, Any] = {

@@ -135,7 +135,7 @@ class LeakageBudget:
         like no budget. Raises when ``ε`` is below what ``param``'s dtype can represent around ``W0``.
         """
         delta = self._delta(param, W0)
-        if self.numerator(delta) <= self.radius_sq:
+        if self._within(self.numerator(delta)):
             return False
         M = delta.to(torch.float64) @ self.U if self.S is not None else delta.to(torch.float64)  # [out, k]
         target = self.radius_sq
@@ -144,7 +144,7 @@ class LeakageBudget:
             value = projected @ self.U.T + W0.to(torch.float64) if self.S is not None else projected
             param.copy_(value.to(param.dtype))
             achieved = self.numerator(self._delta(param, W0))
-            if achieved <= self.radius_sq:
+            if self._within(achieved):
                 self.active_steps += 1
                 return True
             # The cast to the parameter's dtype rounded outwards: aim that much further inside.
@@ -153,6 +153,13 @@ class LeakageBudget:
             f"leakage_budget {self.epsilon:g} cannot be certified in {param.dtype}: rounding alone leaks more "
             f"({math.sqrt(achieved / self.denominator):.3g}); raise nullbooth.leakage_budget or train in float32"
         )
+
+    def _within(self, numerator: float) -> bool:
+        """``L ≤ ε`` both as the ellipsoid and as :meth:`leakage` reports it (each form alone can round past ε)."""
+        if self.epsilon is None:
+            return True
+        return numerator <= self.radius_sq and (self.denominator == 0.0 or
+                                                math.sqrt(numerator / self.denominator) <= self.epsilon)
 
     def _delta(self, param: torch.Tensor, W0: torch.Tensor | None) -> torch.Tensor:
         if self.S is None:

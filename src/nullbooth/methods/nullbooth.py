@@ -3,6 +3,8 @@
 Two ways to train the same family of updates: ``adapter`` trains ``M`` in ``ΔW = M Uᵀ`` (exact,
 default); ``projected`` trains the full weight and projects the whole optimizer update after each
 step, ``W ← W₀ + (W − W₀) P``. Both are saved as the same adapter and its diffusers LoRA export.
+``nullbooth.scope: unet`` extends the projected update and the budget to every UNet weight
+(:mod:`nullbooth.methods.unet_scope`); the result is then the whole ``unet/`` folder.
 
 ``train_text_encoder`` adds a LoRA on the text encoder (rank ``lora_rank``, :meth:`Method.text_encoder_lora`),
 trained without constraint. A LoRA rather than the whole encoder (diffusers' DreamBooth) because the result then
@@ -24,7 +26,7 @@ import torch
 
 from nullbooth.conditioning import encoder_names
 from nullbooth.errors import NullBoothError
-from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from nullbooth.filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_UNET_DIR
 from nullbooth.methods.adapter_files import bases_from_run, save_adapter
 from nullbooth.methods.adapters import (
     NullSpaceLinear,
@@ -36,8 +38,11 @@ from nullbooth.methods.base import Method, ParamGroups, WeightChanges
 from nullbooth.methods.budget import LeakageBudget
 from nullbooth.methods.leakage import project_update_
 from nullbooth.methods.lora_export import TEXT_ENCODER, export_diffusers_lora, peft_lora_factors, update_factors
+from nullbooth.methods.unet_scope import UNetWeights
 from nullbooth.runs.layout import load_summed_statistics
+from nullbooth.runs.unet_moments import unet_moments
 from nullbooth.stats.nullspace import empty_fix
+from nullbooth.stats.weights import unet_weights
 
 BUDGET_STATE = "leakage_budget.{}.active_steps"  # checkpoint key of a weight's projection count
 UNPROTECTED_TEXT_ENCODER = (
@@ -63,6 +68,7 @@ class NullBooth(Method):
     """
 
     name = "nullbooth"
+    others: UNetWeights | None = None  # scope unet: every UNet weight outside attn2
 
     def prepare(self, pipe, stats_run: Path | None) -> ParamGroups:
         if stats_run is None:
@@ -90,10 +96,11 @@ class NullBooth(Method):
                 "leakage_budget: 0.05)"
             )
         self._freeze(pipe)
+        self.others = self._other_weights(pipe) if nb.scope == "unet" else None
         text = [self.text_encoder_lora(pipe)] if self.trains_text_encoder else []
         if text:
             log.warning(UNPROTECTED_TEXT_ENCODER)
-        self.update = self.cfg.nullbooth_update
+        self.update = "projected" if self.others is not None else self.cfg.nullbooth_update
         self.wrappers: dict[str, NullSpaceLinear] = {}
         self.budgets: dict[str, LeakageBudget] = {}
         if self.update == "adapter":
@@ -116,7 +123,15 @@ class NullBooth(Method):
                 shared[id(U)] = (U @ U.T).to(device=weight.device, dtype=torch.float32)  # P [in, in]
             self.P[path] = shared[id(U)]
         self.budgets = self._budgets(self.bases, full_weight=True)
-        return [{"params": [self.targets[p].weight for p in self.bases], "lr": self.lr, "name": "unet"}, *text]
+        others = self.others.parameters() if self.others is not None else []
+        return [{"params": [self.targets[p].weight for p in self.bases] + others, "lr": self.lr, "name": "unet"}, *text]
+
+    def _other_weights(self, pipe) -> UNetWeights:
+        """``scope: unet``: every UNet weight outside the protected ``attn2`` ones, from the run's UNet statistics."""
+        nb = self.cfg.nullbooth
+        weights = unet_weights(pipe.unet, exclude=self.targets)
+        stats = unet_moments(self.stats_run, pipe, weights, batch_size=nb.collection_batch_size)
+        return UNetWeights(weights, stats, nb.nullspace_mode, nb.nullspace_threshold, nb.leakage_budget)
 
     def _budgets(self, bases: dict[str, torch.Tensor], *, full_weight: bool) -> dict[str, LeakageBudget]:
         """One :class:`LeakageBudget` per trained weight, on the run's float64 statistics (none without ε or γ)."""
@@ -143,6 +158,8 @@ class NullBooth(Method):
                 budget.enforce_(self.targets[path].weight, self.W0[path])
             else:
                 budget.enforce_(self.wrappers[path].M)
+        if self.others is not None:
+            self.others.after_step()
 
     def penalty(self) -> torch.Tensor | None:
         gamma = self.cfg.nullbooth.leakage_penalty
@@ -150,6 +167,7 @@ class NullBooth(Method):
             return None
         terms = [budget.penalty(self.wrappers[p].M if self.update == "adapter" else self.targets[p].weight - self.W0[p])
                  for p, budget in self.budgets.items()]
+        terms += self.others.penalties() if self.others is not None else []
         return gamma * torch.stack(terms).sum()
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
@@ -177,7 +195,7 @@ class NullBooth(Method):
                  for p, i in self.info.items()}
         for path, budget in self.budgets.items():
             facts[path].update(leakage_budget=budget.epsilon, budget_active_steps=int(budget.active_steps))
-        return facts
+        return {**facts, **(self.others.report() if self.others is not None else {})}
 
     def unprotected(self) -> dict[str, str]:
         return {TEXT_ENCODER: UNPROTECTED_TEXT_ENCODER} if self.trains_text_encoder else {}
@@ -205,6 +223,9 @@ class NullBooth(Method):
                 budget.active_steps = counts[path]
 
     def save(self, output_dir: Path, info: dict[str, Any]) -> list[Path]:
+        if self.others is not None:  # every weight moved in place: the result is a whole UNet, as dreambooth's
+            self.pipe.unet.save_pretrained(output_dir / FULL_UNET_DIR)
+            return [output_dir / FULL_UNET_DIR]
         self.to_adapter()
         # train_text_encoder tells `nullbooth generate` to take the encoder's LoRA from the LoRA file.
         save_adapter(output_dir, self.pipe.unet, {**info, "nullbooth_update": self.cfg.nullbooth_update,

@@ -19,6 +19,7 @@ from PIL import Image
 from nullbooth import __version__
 from nullbooth.conditioning import text_encoders
 from nullbooth.config import Config
+from nullbooth.errors import NullBoothError
 from nullbooth.filenames import TRAIN_REPORT_HTML, VALIDATION_DIR
 from nullbooth.methods.adapters import split_target
 from nullbooth.methods.base import Method
@@ -101,7 +102,7 @@ def leakage_rows(method: Method, preserved: dict | None, heldout: dict | None) -
     changes = method.weight_changes()
     rows = []
     for path in facts or changes:
-        layer, feature = split_target(path)
+        layer, feature = _layer_feature(path)
         row: dict[str, Any] = {"weight": path, "layer": layer, "feature": feature, **facts.get(path, {})}
         if path in changes:
             dW, W = (t.detach().to("cpu", torch.float64) for t in changes[path])
@@ -116,6 +117,15 @@ def leakage_rows(method: Method, preserved: dict | None, heldout: dict | None) -
                 row["leak_heldout"] = relative_leakage(dW, W, heldout[(layer, feature)])
         rows.append(row)
     return rows
+
+
+def _layer_feature(path: str) -> tuple[str, str]:
+    """``(attn2 path, feature)`` of a protected weight; a weight outside attn2 (``nullbooth.scope: unet``, whose facts
+    carry its certified leakage) is its own layer."""
+    try:
+        return split_target(path)
+    except NullBoothError:
+        return path, "weight"
 
 
 def build_report(cfg: Config, method: Method, stats_run: Path | None, heldout: dict | None, losses: list[float],
