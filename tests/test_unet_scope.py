@@ -195,8 +195,8 @@ def test_an_sd15_size_unet_is_refused_before_anything_is_computed():
 def test_a_resumed_scope_unet_run_equals_an_uninterrupted_one(world):
     from safetensors.torch import load_file
 
-    straight = scope_config(world, "straight", checkpointing_steps=2)
-    train(config_from_dict(straight), pipe=load_pipeline("tiny-sd"), progress=False)
+    straight = train(config_from_dict(scope_config(world, "straight", checkpointing_steps=2)),
+                     pipe=load_pipeline("tiny-sd"), progress=False)
     train(config_from_dict(scope_config(world, "resumed", checkpointing_steps=2, max_train_steps=2)),
           pipe=load_pipeline("tiny-sd"), progress=False)
     report = train(config_from_dict(scope_config(world, "resumed", checkpointing_steps=2,
@@ -206,3 +206,6 @@ def test_a_resumed_scope_unet_run_equals_an_uninterrupted_one(world):
     files = [world["tmp"] / run / FULL_UNET_DIR / "diffusion_pytorch_model.safetensors" for run in ("straight", "resumed")]
     a, b = (load_file(str(f)) for f in files)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = {r["weight"]: r.get("budget_active_steps") for r in straight["weights"]}
+    assert steps == {r["weight"]: r.get("budget_active_steps") for r in report["weights"]}
+    assert any(steps[p] for p in steps if ".attn2." not in p)  # the other weights' counts survive the resume too

@@ -171,8 +171,8 @@ class NullBooth(Method):
         return gamma * torch.stack(terms).sum()
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        return {**super().checkpoint_state(),
-                **{BUDGET_STATE.format(p): b.active_steps for p, b in self.budgets.items()}}
+        budgets = {**self.budgets, **(self.others.budgets if self.others is not None else {})}
+        return {**super().checkpoint_state(), **{BUDGET_STATE.format(p): b.active_steps for p, b in budgets.items()}}
 
     def weight_changes(self) -> WeightChanges:
         # float64 products: the report certifies ΔW = M Uᵀ as the fp32 factors define it, not a rounded product.
