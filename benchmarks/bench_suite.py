@@ -16,8 +16,8 @@ checkpoint is scored against the base model with the same prompts and seeds:
 Methods (:data:`VARIANTS`): ``dreambooth`` (full UNet, diffusers' recipe), ``attn2_finetune`` (Custom-Diffusion-like:
 the cross-attention weights, unconstrained), ``lora`` (diffusers' default targets), ``oft`` (peft), ``perfusion``
 (as published, and with ``gate_scope: concept_token``), ``nullbooth`` (a null-space threshold, and a certified leakage
-budget ε). Each method's learning rate comes from the
-committed sweep (``--sweep`` writes ``lr_sweep.json``: every method at each rate of its grid on the first
+budget ε; on the ``attn2`` weights, and with ``scope: unet`` on every UNet weight). Each method's learning rate comes
+from the committed sweep (``--sweep`` writes ``lr_sweep.json``: every method at each rate of its grid on the first
 ``--sweep-subjects`` random suite subjects; the rate with the best mean of fidelity and preservation wins).
 
 Every method trains with the same loss weighting: diffusers' plain ε-MSE by default, Min-SNR-γ with ``--snr-gamma``
@@ -28,12 +28,13 @@ the base model's loss on a subject's instance images is 280× larger at t = 50 t
 Every number is a mean over subjects × training seeds with a 95 % Student-t interval.
 
     python benchmarks/bench_suite.py --sweep                    # the learning-rate sweep → results/lr_sweep.json
-    S="--seeds 2 --methods dreambooth attn2_finetune lora oft perfusion 'perfusion concept_token' 'nullbooth ε 0.1'"
+    S="--seeds 2 --methods dreambooth attn2_finetune lora oft perfusion 'perfusion concept_token' 'nullbooth ε 0.1' \
+       'nullbooth unet ε 0.03'"
     eval python benchmarks/bench_suite.py $S --shard 0/2 & eval python benchmarks/bench_suite.py $S --shard 1/2; \
         wait; eval python benchmarks/bench_suite.py $S --report  # the committed table and plot
     python benchmarks/bench_suite.py --quick --out /tmp/b       # a CI-sized slice (a minute or two)
     # results/snr5: the same three steps with --snr-gamma 5 --sample-seeds 2 --out benchmarks/results/snr5
-    # (without 'perfusion concept_token', which came later)
+    # (without 'perfusion concept_token' and the unet scope, which came later; 'nullbooth unet ε 0.1' is swept only)
 
 Runs are resumable: each (subject, method, seed) writes its rows to ``--work``/rows and is skipped when present.
 Writes ``suite.json``, ``suite.md`` and ``suite.png`` to ``--out`` (default ``benchmarks/results``).
@@ -85,6 +86,11 @@ VARIANTS: tuple[Variant, ...] = (
             {"nullbooth": {"nullspace_mode": "relative", "nullspace_threshold": 1e-3}}, (1e-3, 3e-3, 1e-2)),
     Variant("nullbooth ε 0.1", "nullbooth", {"nullbooth": {"nullspace_mode": "rank", "nullspace_threshold": 0,
                                                           "leakage_budget": 0.1}}, (1e-3, 3e-3, 1e-2)),
+    # Every UNet weight, each under the per-weight budget: dreambooth's capacity with NullBooth's promise, on
+    # dreambooth's grid (ε 0.03 first swept from 3e-4 up: its best rate was the lowest, so the grid went down).
+    *(Variant(f"nullbooth unet ε {eps:g}", "nullbooth",
+              {"nullbooth": {"nullspace_mode": "rank", "nullspace_threshold": 0, "leakage_budget": eps, "scope": "unet"}},
+              grid) for eps, grid in ((0.1, (1e-4, 3e-4, 1e-3)), (0.03, (1e-4, 3e-4, 1e-3, 3e-3)))),
 )
 
 
@@ -290,6 +296,13 @@ def stats_run_for(args, inputs: Inputs, scorer: Scorer, variants: list[Variant])
         return Path(marker.read_text().strip())
     cfg = train_config(args, inputs, SUBJECT, nullbooth, 1e-3, 0, Path(args.work) / "collect", None)
     run = collect(cfg, pipe=scorer.base_pipe, progress=False)
+    if any(v.settings.get("nullbooth", {}).get("scope") == "unet" for v in variants):  # once, before any shard trains
+        from nullbooth.methods.adapters import adapter_targets
+        from nullbooth.runs.unet_moments import unet_moments
+        from nullbooth.stats.weights import unet_weights
+
+        protected = adapter_targets(scorer.base_pipe.unet)
+        unet_moments(run, scorer.base_pipe, unet_weights(scorer.base_pipe.unet, exclude=protected))
     marker.write_text(str(run))
     return run
 
@@ -530,7 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.subjects, args.steps, args.checkpoints, args.prior, args.collect_steps = 1, 4, 2, 8, 2
         args.eval_prompts, args.class_prompts, args.subject_prompts, args.sample_seeds, args.sample_steps = 6, 6, 3, 1, 2
-        args.methods = args.methods or ["dreambooth", "lora", "nullbooth ε 0.1"]
+        args.methods = args.methods or ["dreambooth", "lora", "nullbooth ε 0.1", "nullbooth unet ε 0.03"]
         args.sweep_subjects = 1
     args.work = args.work or str(HERE.parent / "outputs" / ("bench_suite_quick" if args.quick else "bench_suite"))
     return args

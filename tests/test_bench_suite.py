@@ -3,7 +3,7 @@
 - ``mean_ci``: the 95 % Student-t half-width against t₀.₉₇₅ from a table (n = 4: 3.182), 1e-3 relative;
 - ``sweep_choice`` picks, per method, the rate with the largest mean of fidelity and preservation;
 - ``aggregate`` groups rows by (method, step) over subjects × seeds;
-- ``--quick`` (a slice: one random subject plus the star, three methods, 4 steps, two checkpoints) writes
+- ``--quick`` (a slice: one random subject plus the star, four methods, 4 steps, two checkpoints) writes
   ``suite.json``/``.md``/``.png`` with a base row and a curve per method, and a resumed run recomputes nothing.
 """
 
@@ -70,7 +70,7 @@ def test_quick_slice_runs_end_to_end(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900, cwd=REPO)
     result = json.loads((tmp_path / "out" / "suite.json").read_text())
     labels = {(c["label"], c["step"]) for c in result["curves"]}
-    for method in ("dreambooth", "lora", "nullbooth ε 0.1"):
+    for method in ("dreambooth", "lora", "nullbooth ε 0.1", "nullbooth unet ε 0.03"):
         assert {(method, 2), (method, 4)} <= labels
     assert ("base", 0) in labels and len(result["subjects"]) == 2
     base = next(c for c in result["curves"] if c["label"] == "base")
@@ -81,10 +81,11 @@ def test_quick_slice_runs_end_to_end(tmp_path):
     assert "| dreambooth |" in table and "±" in table
     assert result["settings"]["snr_gamma"] == 0.0 and "plain ε-MSE;" in table and "| colour ↑ | pattern ↑ |" in table
     assert (tmp_path / "out" / "suite.png").stat().st_size > 0
-    budgeted = [r for r in result["rows"] if r["label"] == "nullbooth ε 0.1"]
-    assert budgeted and all(r["max_leak_preserved"] <= 0.1 * (1 + 1e-9) for r in budgeted)  # certified
+    for label, eps in (("nullbooth ε 0.1", 0.1), ("nullbooth unet ε 0.03", 0.03)):
+        budgeted = [r for r in result["rows"] if r["label"] == label]
+        assert budgeted and all(r["max_leak_preserved"] <= eps * (1 + 1e-9) for r in budgeted)  # certified
     rows = sorted((tmp_path / "w" / "rows").glob("main__*.json"))
-    assert len(rows) == 6  # 2 subjects × 3 methods
+    assert len(rows) == 8  # 2 subjects × 4 methods
     stamp = [r.stat().st_mtime_ns for r in rows]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert [r.stat().st_mtime_ns for r in rows] == stamp  # resumed: nothing recomputed
