@@ -65,8 +65,7 @@ class UNetWeights:
             W = weight_matrix(module)
             if self.P[path] is not None:
                 project_update_(W, self.W0[path], self.P[path])
-            if path in self.budgets:
-                self.budgets[path].enforce_(W, self.W0[path])
+            self.budgets[path].enforce_(W, self.W0[path])
 
     def penalties(self) -> list[torch.Tensor]:
         """``L(ΔW)²`` of every weight, differentiable (the soft form's terms)."""

@@ -23,8 +23,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +41,7 @@ from nullbooth.prompts import read_prompt_file, warn_truncated
 from nullbooth.runs.accumulate import Accumulators, plan_for_collection
 from nullbooth.runs.distributed import Dist, setup
 from nullbooth.runs.layout import MANIFEST, RunData, iter_runs, new_run_dir, read_manifest, summed_problems
-from nullbooth.runs.plan import Plan, make_plan, make_scheduler, sampler_timesteps
+from nullbooth.runs.plan import Plan, make_plan, make_scheduler, sampler_timesteps, using_scheduler
 from nullbooth.runs.shards import (
     CheckpointSchedule,
     ShardProgress,
@@ -208,7 +208,7 @@ def _collect_run(cfg: Config, pipe, plan: Plan, decision: dict[str, Any], timest
         images_dir.mkdir(exist_ok=True)
     # Observers write into the run at the end, which rank 0 alone does: they see rank 0's batches.
     watching = observers if dist.is_main else ()
-    with _scheduler(pipe, scheduler):
+    with using_scheduler(pipe, scheduler):
         _sample_shards(cfg, pipe, plan, acc, shards, run_dir, mine["files"], images_dir=images_dir,
                        observers=watching, on_batch=on_batch, progress=progress and dist.is_main)
 
@@ -276,17 +276,6 @@ def _check_reusable(run_dir: Path) -> None:
             f"{run_dir} is the complete run of this configuration, but {problems[0]}{more}, so it cannot be reused; "
             "`nullbooth collect --fresh` with the same config collects a new run beside it (this one is left as it "
             f"is — delete it when done; `nullbooth validate {run_dir}` lists every problem)")
-
-
-@contextmanager
-def _scheduler(pipe, scheduler) -> Iterator[None]:
-    """``pipe`` samples with ``scheduler`` inside the block; its own scheduler is back afterwards, also on error."""
-    original = pipe.scheduler
-    pipe.scheduler = scheduler
-    try:
-        yield
-    finally:
-        pipe.scheduler = original
 
 
 def _sample_shards(cfg: Config, pipe, plan: Plan, acc: Accumulators, shards: ShardProgress, run_dir: Path,

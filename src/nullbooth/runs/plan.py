@@ -8,6 +8,8 @@ per prompt, so they change no feature, only the order of the float64 additions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +97,17 @@ def make_scheduler(pipe, sampler: str):
     if sampler == "uniform":
         return diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading", steps_offset=0)
     return scheduler_class(sampler, "nullbooth.sampler ('uniform' or a scheduler)").from_config(pipe.scheduler.config)
+
+
+@contextmanager
+def using_scheduler(pipe, scheduler) -> Iterator[None]:
+    """``pipe`` samples with ``scheduler`` inside the block; its own scheduler is back afterwards, also on error."""
+    original = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
 
 
 def sampler_timesteps(scheduler) -> list[int]:

@@ -22,7 +22,7 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import UNET_MOMENTS
 from nullbooth.runs.accumulate import free_bytes
 from nullbooth.runs.layout import RunData, load_statistics, save_statistics
-from nullbooth.runs.plan import make_scheduler
+from nullbooth.runs.plan import make_scheduler, using_scheduler
 from nullbooth.sampling import sample
 from nullbooth.stats.moments import SecondMoment
 from nullbooth.stats.weights import Weighted, input_rows, input_width
@@ -97,17 +97,12 @@ def unet_moments(run_dir: str | Path, pipe, weights: Mapping[str, Weighted], *,
     for seg, part in run.segment_parts():
         prompts += part
         seeds += [seg["seed"] + seg["start"] + i for i in range(len(part))]
-    scheduler = make_scheduler(pipe, identity["sampler"])
-    original, pipe.scheduler = pipe.scheduler, scheduler
     log.info("recording the inputs of %d UNet weights over the %d trajectories of %s", len(weights), len(prompts),
              run.path.name)
-    try:
-        with _recording(weights, stats):
-            sample(pipe, prompts, seeds, steps=int(identity["num_denoising_steps"]),
-                   guidance=float(identity["guidance_scale"]), size=int(identity["resolution"][0]),
-                   batch_size=batch_size, output_type="latent")
-    finally:
-        pipe.scheduler = original
+    with using_scheduler(pipe, make_scheduler(pipe, identity["sampler"])), _recording(weights, stats):
+        sample(pipe, prompts, seeds, steps=int(identity["num_denoising_steps"]),
+               guidance=float(identity["guidance_scale"]), size=int(identity["resolution"][0]),
+               batch_size=batch_size, output_type="latent")
     save_statistics(file, stats, {"format": MOMENTS_FORMAT, "run_key": run.key})  # atomic
     return stats
 
