@@ -297,12 +297,9 @@ def stats_run_for(args, inputs: Inputs, scorer: Scorer, variants: list[Variant])
     cfg = train_config(args, inputs, SUBJECT, nullbooth, 1e-3, 0, Path(args.work) / "collect", None)
     run = collect(cfg, pipe=scorer.base_pipe, progress=False)
     if any(v.settings.get("nullbooth", {}).get("scope") == "unet" for v in variants):  # once, before any shard trains
-        from nullbooth.methods.adapters import adapter_targets
-        from nullbooth.runs.unet_moments import unet_moments
-        from nullbooth.stats.weights import unet_weights
+        from nullbooth.methods.unet_scope import other_statistics
 
-        protected = adapter_targets(scorer.base_pipe.unet)
-        unet_moments(run, scorer.base_pipe, unet_weights(scorer.base_pipe.unet, exclude=protected))
+        other_statistics(cfg, run, scorer.base_pipe)
     marker.write_text(str(run))
     return run
 

@@ -127,6 +127,8 @@ def test_every_step_is_within_the_budget(mode, threshold, update):
         for dW, W0, S, budget in run_steps(mode, threshold, update, epsilon, seed):
             leak = relative_leakage(dW, W0, S)  # independent float64 recomputation (eq. 2)
             assert leak <= epsilon * (1 + EPS_CERT), f"{mode}/{update}: leakage {leak:.12g} > ε {epsilon}"
+            if int(budget.active_steps) > active:  # a projected step ends on the wall, not short of it
+                assert leak >= epsilon * (1 - 1e-3), f"{mode}/{update}: projected to {leak:.12g}, ε {epsilon}"
             active = int(budget.active_steps)
         assert active > 0, "the random walk should hit the wall"
 

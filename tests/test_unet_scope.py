@@ -7,7 +7,8 @@
   statistics), biases and norms are untouched, ``nullbooth generate`` loads the result and labels it nullbooth;
 - the time embedding's statistic equals the one computed here from the sampler's timesteps alone (it does not
   depend on the prompts): the recording is right, not only self-consistent (relative 1e-10);
-- the UNet statistics are written once into the run and reused; a foreign file is refused in one line;
+- the UNet statistics are written once into the run and reused — by ``nullbooth collect`` already, when the config
+  says scope unet, so training samples nothing more; a foreign file is refused in one line;
 - config: the adapter update and train_text_encoder are refused with scope unet, each in one line.
 """
 
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import subject_images, write_prompts
 from torch import nn
 
+from nullbooth.cli.main import main
 from nullbooth.config import config_from_dict
 from nullbooth.config.schema import training_problems
 from nullbooth.errors import NullBoothError
@@ -131,6 +134,24 @@ def test_the_unet_statistics_are_written_once_and_reused(trained, world, monkeyp
     report = train(config_from_dict(scope_config(world, "again", max_train_steps=1)), pipe=load_pipeline("tiny-sd"),
                    progress=False)
     assert report["stats_run"] == trained[0]["stats_run"]
+
+
+def test_collect_writes_the_unet_statistics_that_training_reads(world, tmp_path, monkeypatch, capsys):
+    cfg = scope_config(world, "after_collect", max_train_steps=1,
+                       nullbooth={"cov_matrices_output_dir": str(tmp_path / "cov")})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    assert main(["collect", "--config", str(path)]) == 0
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    stats, meta = load_statistics(run / UNET_MOMENTS)
+    assert meta["run_key"] == read_manifest(run)["key"] and "time_embedding.linear_1" in stats
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("training sampled the UNet statistics again")
+
+    monkeypatch.setattr(moments_module, "sample", no_sampling)
+    report = train(config_from_dict(cfg), pipe=load_pipeline("tiny-sd"), progress=False)
+    assert Path(report["stats_run"]) == run
 
 
 def test_a_foreign_statistics_file_is_refused(trained, tmp_path, tiny_pipe):

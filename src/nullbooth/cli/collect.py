@@ -64,9 +64,22 @@ def cmd_collect(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, flags)
         run_dir = collect(cfg, fresh=args.fresh, prompt_offset=getattr(args, "prompt_offset", None) or 0,
                           observers=collection_observers(cfg))
+        if cfg.nullbooth.scope == "unet" and _is_main_process():
+            _other_statistics(cfg, run_dir)
     if _is_main_process():  # under torchrun every process returns the same run: print it once
         print(run_dir)
     return 0
+
+
+def _other_statistics(cfg: Config, run_dir) -> None:
+    """``scope: unet`` trains every UNet weight: their statistics too, so that training starts from a complete run."""
+    import torch
+
+    from nullbooth.methods.unet_scope import other_statistics
+    from nullbooth.models import load_pipeline
+
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
+    other_statistics(cfg, run_dir, pipe)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -19,9 +19,12 @@ has been applied (projecting onto a subspace, then onto a convex set inside it, 
 the intersection, by Pythagoras).
 
 The guarantee is certified on the values the model really holds: after the projection the parameter is
-cast back to its dtype and ``L`` is recomputed from it in float64; a rounding that lands above ``ε`` is
-fixed by a tighter radius. The threshold decides where learning is cheap (``U``); the budget makes the
-promise, whatever the threshold mode.
+cast back to its dtype and ``L`` is recomputed from it in float64. The projection aims at ``r² (1 − 10⁻⁴)``
+so that the float32 cast lands inside (without the margin every other projection needed a second round); a
+rounding that still lands above ``ε`` is fixed by a tighter radius. When the update family is the whole input
+space, ``tr(ΔW S ΔWᵀ) = Σ_j λ_j ‖(ΔW U Q)_j‖²`` for every ``ΔW``, so the check and the projection share one
+product. The threshold decides where learning is cheap (``U``); the budget makes the promise, whatever the
+threshold mode.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from nullbooth.errors import NullBoothError
 NEWTON_ITERATIONS = 200
 ROOT_RTOL = 1e-12  # stop when Σ λ c / (1 + μλ)² ≤ r² (1 + ROOT_RTOL)
 CERTIFY_ATTEMPTS = 8
+CAST_MARGIN = 1e-4  # the first projection aims at r² (1 − margin): a float32 cast moves tr(ΔW S ΔWᵀ) by ~1e-5 relative
 
 
 def shrink_multiplier(lam: torch.Tensor, c: torch.Tensor, radius_sq: float) -> float:
@@ -66,21 +70,27 @@ def shrink_multiplier(lam: torch.Tensor, c: torch.Tensor, radius_sq: float) -> f
     return mu * 2.0 + 1.0 / float(lam.max())
 
 
+def shrink_coordinates(Mt: torch.Tensor, lam: torch.Tensor, radius_sq: float) -> torch.Tensor:
+    """Eq. 4 in the rotated coordinates: ``m̃_j / (1 + μ λ_j)`` for every column of ``M̃`` (``[out, k]``, float64).
+
+    Returns ``M̃`` itself when ``Σ_j λ_j ‖m̃_j‖² ≤ r²`` already.
+    """
+    mu = shrink_multiplier(lam, Mt.square().sum(0), radius_sq)  # c_j = ‖m̃_j‖²
+    if mu == 0.0:
+        return Mt
+    if math.isinf(mu):
+        return Mt * (lam <= 0).to(Mt.dtype)  # only directions the prior never uses survive a zero radius
+    return Mt / (1.0 + mu * lam)
+
+
 def project_onto_ellipsoid(M: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor, radius_sq: float) -> torch.Tensor:
     """The exact Euclidean projection of ``M`` (``[out, k]``, float64) onto ``{M : tr(M G Mᵀ) ≤ r²}``, ``G = Q diag(λ) Qᵀ`` (eq. 4).
 
     Returns ``M`` itself when it is inside.
     """
     Mt = M @ Q  # M̃ [out, k]
-    c = Mt.square().sum(0)  # ‖m̃_j‖² [k]
-    mu = shrink_multiplier(lam, c, radius_sq)
-    if mu == 0.0:
-        return M
-    if math.isinf(mu):
-        scale = (lam <= 0).to(M.dtype)  # only directions the prior never uses survive a zero radius
-    else:
-        scale = 1.0 / (1.0 + mu * lam)
-    return (Mt * scale) @ Q.T
+    shrunk = shrink_coordinates(Mt, lam, radius_sq)
+    return M if shrunk is Mt else shrunk @ Q.T
 
 
 class LeakageBudget:
@@ -100,25 +110,37 @@ class LeakageBudget:
         device = W.device
         S = S.detach().to(device, torch.float64)
         W = W.detach().to(device, torch.float64)
-        self.U = U.detach().to(device, torch.float64)  # [in, k]
-        if S.shape != (W.shape[1], W.shape[1]) or self.U.shape[0] != W.shape[1]:
+        U = U.detach().to(device, torch.float64)  # [in, k]
+        if S.shape != (W.shape[1], W.shape[1]) or U.shape[0] != W.shape[1]:
             raise NullBoothError(f"expected S [{W.shape[1]}, {W.shape[1]}] and U [{W.shape[1]}, k] for a weight "
-                                 f"{list(W.shape)}, got S {list(S.shape)} and U {list(self.U.shape)}")
+                                 f"{list(W.shape)}, got S {list(S.shape)} and U {list(U.shape)}")
         self.epsilon = epsilon  # None: measure and penalise only, no wall
+        self.full_weight = full_weight
         self.denominator = float(((W @ S) * W).sum())  # tr(W S Wᵀ)
         self.radius_sq = math.inf if epsilon is None else epsilon ** 2 * self.denominator  # r²
-        G = self.U.T @ S @ self.U  # [k, k]
+        G = U.T @ S @ U  # [k, k]
         self.G = (G + G.T) / 2
-        lam, self.Q = torch.linalg.eigh(self.G)
+        lam, Q = torch.linalg.eigh(self.G)
         self.lam = lam.clamp_min(0.0)  # G is PSD; round-off may dip below 0
+        # M̃ = ΔW R (full weight, R = U Q) or M̃ = M Q (adapter): eq. 4's coordinates.
+        self.R = U @ Q if full_weight else Q
+        # With R square (the adapter's M, or a basis of the whole input space) tr(ΔW S ΔWᵀ) = Σ_j λ_j ‖m̃_j‖²
+        # holds for every ΔW, so the check and the projection share one product; on a proper subspace only S
+        # sees the rounding that falls outside span(U).
         self.S = S if full_weight else None
+        self._exact_coordinates = self.R.shape[0] == self.R.shape[1]
         self.active_steps = torch.zeros((), dtype=torch.int64)  # a tensor: checkpoints carry it
         self._penalty_matrix: torch.Tensor | None = None
 
     def numerator(self, delta: torch.Tensor) -> float:
         """``tr(ΔW S ΔWᵀ)`` in float64; ``delta`` is ``ΔW`` (full weight) or ``M`` (adapter)."""
         d = delta.detach().to(torch.float64)
-        return max(float(((d @ (self.S if self.S is not None else self.G)) * d).sum()), 0.0)
+        return self._numerator(d, d @ self.R if self._exact_coordinates else None)
+
+    def _numerator(self, d: torch.Tensor, Mt: torch.Tensor | None) -> float:
+        if Mt is not None:
+            return float((Mt.square().sum(0) * self.lam).sum())
+        return max(float(((d @ self.S) * d).sum()), 0.0)
 
     def leakage(self, delta: torch.Tensor) -> float:
         """Eq. 3, certified on ``delta`` as stored (see :meth:`numerator`)."""
@@ -135,15 +157,16 @@ class LeakageBudget:
         like no budget. Raises when ``ε`` is below what ``param``'s dtype can represent around ``W0``.
         """
         delta = self._delta(param, W0)
-        if self._within(self.numerator(delta)):
+        Mt = delta @ self.R if self._exact_coordinates else None  # M̃ [out, k]
+        if self._within(self._numerator(delta, Mt)):
             return False
-        M = delta.to(torch.float64) @ self.U if self.S is not None else delta.to(torch.float64)  # [out, k]
-        target = self.radius_sq
+        Mt = delta @ self.R if Mt is None else Mt
+        target = self.radius_sq * (1.0 - CAST_MARGIN)
         for _ in range(CERTIFY_ATTEMPTS):
-            projected = project_onto_ellipsoid(M, self.lam, self.Q, target)
-            value = projected @ self.U.T + W0.to(torch.float64) if self.S is not None else projected
-            param.copy_(value.to(param.dtype))
-            achieved = self.numerator(self._delta(param, W0))
+            value = shrink_coordinates(Mt, self.lam, target) @ self.R.T
+            param.copy_((value + W0.to(torch.float64) if self.full_weight else value).to(param.dtype))
+            d = self._delta(param, W0)
+            achieved = self._numerator(d, d @ self.R if self._exact_coordinates else None)
             if self._within(achieved):
                 self.active_steps += 1
                 return True
@@ -162,8 +185,9 @@ class LeakageBudget:
                                                 math.sqrt(numerator / self.denominator) <= self.epsilon)
 
     def _delta(self, param: torch.Tensor, W0: torch.Tensor | None) -> torch.Tensor:
-        if self.S is None:
-            return param.detach()
+        """``ΔW = W − W₀`` (full weight) or ``M`` (adapter), float64."""
+        if not self.full_weight:
+            return param.detach().to(torch.float64)
         if W0 is None:
             raise NullBoothError("a full-weight leakage budget needs the weight's start W₀")
         return param.detach().to(torch.float64) - W0.to(torch.float64)

@@ -38,11 +38,9 @@ from nullbooth.methods.base import Method, ParamGroups, WeightChanges
 from nullbooth.methods.budget import LeakageBudget
 from nullbooth.methods.leakage import project_update_
 from nullbooth.methods.lora_export import TEXT_ENCODER, export_diffusers_lora, peft_lora_factors, update_factors
-from nullbooth.methods.unet_scope import UNetWeights
+from nullbooth.methods.unet_scope import UNetWeights, other_statistics, other_weights
 from nullbooth.runs.layout import load_summed_statistics
-from nullbooth.runs.unet_moments import unet_moments
 from nullbooth.stats.nullspace import empty_fix
-from nullbooth.stats.weights import unet_weights
 
 BUDGET_STATE = "leakage_budget.{}.active_steps"  # checkpoint key of a weight's projection count
 UNPROTECTED_TEXT_ENCODER = (
@@ -129,8 +127,8 @@ class NullBooth(Method):
     def _other_weights(self, pipe) -> UNetWeights:
         """``scope: unet``: every UNet weight outside the protected ``attn2`` ones, from the run's UNet statistics."""
         nb = self.cfg.nullbooth
-        weights = unet_weights(pipe.unet, exclude=self.targets)
-        stats = unet_moments(self.stats_run, pipe, weights, batch_size=nb.collection_batch_size)
+        stats = other_statistics(self.cfg, self.stats_run, pipe)
+        weights = other_weights(pipe.unet, self.cfg)
         return UNetWeights(weights, stats, nb.nullspace_mode, nb.nullspace_threshold, nb.leakage_budget)
 
     def _budgets(self, bases: dict[str, torch.Tensor], *, full_weight: bool) -> dict[str, LeakageBudget]:

@@ -16,15 +16,34 @@ output on the prior can move more than ε — the preservation benchmark measure
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from nullbooth.config import Config
+from nullbooth.methods.adapters import adapter_targets
 from nullbooth.methods.budget import LeakageBudget
 from nullbooth.methods.leakage import project_update_
+from nullbooth.runs.unet_moments import unet_moments
+from nullbooth.stats.capture import cross_attention_layers
 from nullbooth.stats.moments import SecondMoment
 from nullbooth.stats.nullspace import null_space
-from nullbooth.stats.weights import Weighted, weight_matrix
+from nullbooth.stats.weights import Weighted, unet_weights, weight_matrix
+
+
+def other_weights(unet: nn.Module, cfg: Config) -> dict[str, Weighted]:
+    """Every ``Linear`` / ``Conv2d`` weight of ``unet`` outside the ``attn2`` projections ``cfg`` protects."""
+    nb = cfg.nullbooth
+    protected = adapter_targets(unet, cross_attention_layers(unet, nb.cross_attention_layers),
+                                nb.collect_features.selected())
+    return unet_weights(unet, exclude=protected)
+
+
+def other_statistics(cfg: Config, stats_run: str | Path, pipe) -> dict[str, SecondMoment]:
+    """The statistics of :func:`other_weights` over ``stats_run``'s trajectories: read, or sampled and written."""
+    return unet_moments(stats_run, pipe, other_weights(pipe.unet, cfg), batch_size=cfg.nullbooth.collection_batch_size)
 
 
 class UNetWeights:
