@@ -26,6 +26,7 @@ shape × colour prompts whose shape and colour the judge reads as prompted.
 
     python scripts/train_world_model.py                          # the shipped model (≈ 82 min on 1 CPU thread)
     python scripts/train_world_model.py --smoke                  # 1-minute end-to-end check
+    python scripts/train_world_model.py --vae-steps 4238 --unet-steps 9783   # its step counts, on any machine
 """
 
 from __future__ import annotations
@@ -89,6 +90,27 @@ class Clock:
         return min(self.now() + fraction_of_total * self.total, self.t0 + self.total)
 
 
+class Stage:
+    """Where a training stage ends and how far along it is: after ``steps`` optimizer steps when given, else at
+    ``deadline`` on the clock. ``fraction(step)`` drives the stage's schedules (learning rate, crops → full images).
+
+    A time budget buys fewer steps on a slower machine (the shipped VAE stage: 4,238 steps in 22 CPU-minutes where
+    it was trained, about 2,100 on a machine half as fast), so recipes are compared, and a model re-made elsewhere,
+    with step budgets: the same steps and schedules on any machine, and under any load.
+    """
+
+    def __init__(self, clock: Clock, deadline: float, steps: int | None = None) -> None:
+        self.clock, self.start, self.deadline, self.steps = clock, clock.now(), deadline, steps
+
+    def fraction(self, step: int) -> float:
+        if self.steps is not None:
+            return step / self.steps
+        return (self.clock.now() - self.start) / max(self.deadline - self.start, 1e-6)
+
+    def done(self, step: int) -> bool:
+        return step >= self.steps if self.steps is not None else self.clock.now() >= self.deadline
+
+
 # --------------------------------------------------------------------------------------------- stage 1: VAE
 
 
@@ -133,7 +155,7 @@ def subject_psnr(vae, seed: int, n_subjects: int = 40) -> dict:
             "psnr_min_db": float(values.min()), "images": int(len(values))}
 
 
-def train_vae(vae, world: World, clock: Clock, deadline: float, args) -> dict:
+def train_vae(vae, world: World, stage: Stage, args) -> dict:
     """Stage 1: L1 + MSE reconstruction plus ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) per latent element.
 
     The first ``1 − vae_full_frac`` of the stage trains on half-size crops (4× cheaper per image; the VAE is
@@ -147,11 +169,9 @@ def train_vae(vae, world: World, clock: Clock, deadline: float, args) -> dict:
     pattern_world = World(WorldConfig(resolution=world.config.resolution, pattern_prob=1.0))
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     vae.train()
-    start = clock.now()
-    span = max(deadline - start, 1e-6)
     step, recent = 0, []
-    while clock.now() < deadline:
-        frac = (clock.now() - start) / span
+    while not stage.done(step):
+        frac = stage.fraction(step)
         full = frac >= 1.0 - args.vae_full_frac
         for g in opt.param_groups:  # cosine decay to 10 % over the stage
             g["lr"] = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -299,7 +319,7 @@ class Tokens:
         return torch.stack([self.cache[c] for c in captions])
 
 
-def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: Clock, deadline: float,
+def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: Clock, stage: Stage,
                    args) -> dict:
     """Stage 3: v- or ε-prediction (the scheduler's), caption dropout and EMA; the text encoder freezes late."""
     from diffusers import DDPMScheduler
@@ -327,16 +347,14 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
     unet.train()
     text_encoder.train()
     t_start = clock.now()
-    span = max(deadline - t_start, 1.0)
     text_frozen = False
     n = means.shape[0]
     step, recent = 0, []
     last_snapshot = clock.now()
     while True:
-        now = clock.now()
-        if now >= deadline:
+        if stage.done(step):
             break
-        frac = (now - t_start) / span
+        frac = stage.fraction(step)
         if not text_frozen and frac >= args.text_frac:
             text_encoder.requires_grad_(False)
             text_encoder.eval()
@@ -464,6 +482,10 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="budget in CPU time of this process (robust to other load) or wall-clock time")
     p.add_argument("--vae-frac", type=float, default=0.27, help="fraction of the budget for the VAE")
+    p.add_argument("--vae-steps", type=int, default=None,
+                   help="end the VAE stage after this many steps instead of its share of the time budget")
+    p.add_argument("--unet-steps", type=int, default=None,
+                   help="end the UNet stage after this many steps instead of at the end of the time budget")
     p.add_argument("--vae-batch", type=int, default=32, help="crops per VAE step (half as many full images)")
     p.add_argument("--vae-full-frac", type=float, default=0.4, help="last fraction of the VAE stage on full images")
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -543,7 +565,7 @@ def main(argv=None) -> int:
     else:
         pipe = build_tiny_pipeline(arch)
         log.info("stage 1: VAE for %.1f min", args.vae_frac * args.minutes)
-        vae_info = train_vae(pipe.vae, world, clock, clock.deadline(args.vae_frac), args)
+        vae_info = train_vae(pipe.vae, world, Stage(clock, clock.deadline(args.vae_frac), args.vae_steps), args)
         log.info("vae: %s", vae_info)
     pipe.vae.requires_grad_(False)
 
@@ -560,7 +582,8 @@ def main(argv=None) -> int:
              float(means.std()), scale, clock.elapsed())
 
     log.info("stage 3: UNet + text encoder until the budget ends")
-    den_info = train_denoiser(pipe, world, means, stds, attrs, scale, clock, clock.t0 + clock.total, args)
+    den_info = train_denoiser(pipe, world, means, stds, attrs, scale, clock,
+                              Stage(clock, clock.t0 + clock.total, args.unet_steps), args)
     train_seconds, wall_seconds = clock.elapsed(), time.monotonic() - wall0
     log.info("denoiser: %s; training took %.1f %s-min (%.1f wall-min)", den_info, train_seconds / 60,
              clock.kind, wall_seconds / 60)
