@@ -134,13 +134,14 @@ class LeakageBudget:
 
     def numerator(self, delta: torch.Tensor) -> float:
         """``tr(ΔW S ΔWᵀ)`` in float64; ``delta`` is ``ΔW`` (full weight) or ``M`` (adapter)."""
-        d = delta.detach().to(torch.float64)
-        return self._numerator(d, d @ self.R if self._exact_coordinates else None)
+        return self._numerator(delta.detach().to(torch.float64))[0]
 
-    def _numerator(self, d: torch.Tensor, Mt: torch.Tensor | None) -> float:
-        if Mt is not None:
-            return float((Mt.square().sum(0) * self.lam).sum())
-        return max(float(((d @ self.S) * d).sum()), 0.0)
+    def _numerator(self, d: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+        """``tr(d S dᵀ)`` of a float64 ``d``, and ``M̃ = d R`` when it gave it (``None``: computed from ``S``)."""
+        if self._exact_coordinates:
+            Mt = d @ self.R
+            return float((Mt.square().sum(0) * self.lam).sum()), Mt
+        return max(float(((d @ self.S) * d).sum()), 0.0), None
 
     def leakage(self, delta: torch.Tensor) -> float:
         """Eq. 3, certified on ``delta`` as stored (see :meth:`numerator`)."""
@@ -156,17 +157,17 @@ class LeakageBudget:
         Inside the budget nothing is touched (not even a dtype round trip), so a large ``ε`` trains exactly
         like no budget. Raises when ``ε`` is below what ``param``'s dtype can represent around ``W0``.
         """
+        W0 = None if W0 is None else W0.to(torch.float64)  # once: _delta and the write-back reuse it
         delta = self._delta(param, W0)
-        Mt = delta @ self.R if self._exact_coordinates else None  # M̃ [out, k]
-        if self._within(self._numerator(delta, Mt)):
+        num, Mt = self._numerator(delta)
+        if self._within(num):
             return False
-        Mt = delta @ self.R if Mt is None else Mt
+        Mt = delta @ self.R if Mt is None else Mt  # M̃ [out, k]
         target = self.radius_sq * (1.0 - CAST_MARGIN)
         for _ in range(CERTIFY_ATTEMPTS):
             value = shrink_coordinates(Mt, self.lam, target) @ self.R.T
-            param.copy_((value + W0.to(torch.float64) if self.full_weight else value).to(param.dtype))
-            d = self._delta(param, W0)
-            achieved = self._numerator(d, d @ self.R if self._exact_coordinates else None)
+            param.copy_((value + W0 if self.full_weight else value).to(param.dtype))
+            achieved, _ = self._numerator(self._delta(param, W0))
             if self._within(achieved):
                 self.active_steps += 1
                 return True

@@ -38,7 +38,7 @@ from nullbooth.methods.base import Method, ParamGroups, WeightChanges
 from nullbooth.methods.budget import LeakageBudget
 from nullbooth.methods.leakage import project_update_
 from nullbooth.methods.lora_export import TEXT_ENCODER, export_diffusers_lora, peft_lora_factors, update_factors
-from nullbooth.methods.unet_scope import UNetWeights, other_statistics, other_weights
+from nullbooth.methods.unet_scope import UNetWeights, other_statistics
 from nullbooth.runs.layout import load_summed_statistics
 from nullbooth.stats.nullspace import empty_fix
 
@@ -127,8 +127,7 @@ class NullBooth(Method):
     def _other_weights(self, pipe) -> UNetWeights:
         """``scope: unet``: every UNet weight outside the protected ``attn2`` ones, from the run's UNet statistics."""
         nb = self.cfg.nullbooth
-        stats = other_statistics(self.cfg, self.stats_run, pipe)
-        weights = other_weights(pipe.unet, self.cfg)
+        weights, stats = other_statistics(self.cfg, self.stats_run, pipe)
         return UNetWeights(weights, stats, nb.nullspace_mode, nb.nullspace_threshold, nb.leakage_budget)
 
     def _budgets(self, bases: dict[str, torch.Tensor], *, full_weight: bool) -> dict[str, LeakageBudget]:

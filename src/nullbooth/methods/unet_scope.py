@@ -41,9 +41,11 @@ def other_weights(unet: nn.Module, cfg: Config) -> dict[str, Weighted]:
     return unet_weights(unet, exclude=protected)
 
 
-def other_statistics(cfg: Config, stats_run: str | Path, pipe) -> dict[str, SecondMoment]:
-    """The statistics of :func:`other_weights` over ``stats_run``'s trajectories: read, or sampled and written."""
-    return unet_moments(stats_run, pipe, other_weights(pipe.unet, cfg), batch_size=cfg.nullbooth.collection_batch_size)
+def other_statistics(cfg: Config, stats_run: str | Path, pipe
+                     ) -> tuple[dict[str, Weighted], dict[str, SecondMoment]]:
+    """:func:`other_weights` and their statistics over ``stats_run``'s trajectories: read, or sampled and written."""
+    weights = other_weights(pipe.unet, cfg)
+    return weights, unet_moments(stats_run, pipe, weights, batch_size=cfg.nullbooth.collection_batch_size)
 
 
 class UNetWeights:
