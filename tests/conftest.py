@@ -89,6 +89,24 @@ def write_prompts(path: Path, prompts=PROMPTS) -> Path:
     return path
 
 
+def budget_world(tmp: Path, prior: list[str]) -> dict:
+    """Instance images and a prior-prompt list under ``tmp``: the inputs of :func:`budgeted_config`."""
+    return {"tmp": tmp, "instance": subject_images(tmp / "instance"), "prompts": write_prompts(tmp / "prior.txt", prior)}
+
+
+def budgeted_config(world: dict, out: str, *, epsilon: float, learning_rate: float, nullbooth: dict | None = None,
+                    **top) -> dict:
+    """A 4-step training config on tiny-sd at 16 px under a leakage budget ``epsilon`` over the whole input space
+    (rank threshold 0); ``nullbooth`` and ``top`` override its block and top-level keys."""
+    nb = {"original_knowledge_prompts": str(world["prompts"]), "cov_matrices_output_dir": str(world["tmp"] / "cov"),
+          "num_denoising_steps": 2, "collection_batch_size": 4, "nullspace_mode": "rank", "nullspace_threshold": 0,
+          "leakage_budget": epsilon, **(nullbooth or {})}
+    return {"pretrained_model_name_or_path": "tiny-sd", "resolution": 16, "seed": 3,
+            "instance_data_dir": str(world["instance"]), "instance_prompt": "a photo of sks dog",
+            "output_dir": str(world["tmp"] / out), "max_train_steps": 4, "checkpointing_steps": 100,
+            "learning_rate": learning_rate, "nullbooth": nb, **top}
+
+
 def small_config(tmp_path: Path, **nullbooth):
     from nullbooth.config import config_from_dict
 

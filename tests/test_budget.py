@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import subject_images, write_prompts
+from conftest import budget_world, budgeted_config
 
 from nullbooth.cli.main import main
 from nullbooth.config import config_from_dict
@@ -144,25 +144,17 @@ def test_a_large_budget_changes_nothing(mode, threshold, update):
 
 # --------------------------------------------------------------------------- end to end on tiny-sd
 
-RES = 16
 PRIOR = ["a red circle on the left", "a small blue square", "a photo of a dog", "a green triangle at the top"]
 EPSILON = 0.05
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("budget")
-    return {"tmp": tmp, "instance": subject_images(tmp / "instance"), "prompts": write_prompts(tmp / "prior.txt", PRIOR)}
+    return budget_world(tmp_path_factory.mktemp("budget"), PRIOR)
 
 
 def budget_config(world, out: str, **top) -> dict:
-    nb = {"original_knowledge_prompts": str(world["prompts"]), "cov_matrices_output_dir": str(world["tmp"] / "cov"),
-          "num_denoising_steps": 2, "collection_batch_size": 4, "nullspace_mode": "rank",
-          "nullspace_threshold": 0, "leakage_budget": EPSILON, **top.pop("nullbooth", {})}
-    return {"pretrained_model_name_or_path": "tiny-sd", "resolution": RES, "seed": 3,
-            "instance_data_dir": str(world["instance"]), "instance_prompt": "a photo of sks dog",
-            "output_dir": str(world["tmp"] / out), "max_train_steps": 4, "checkpointing_steps": 100,
-            "learning_rate": 3e-2, "nullbooth": nb, **top}
+    return budgeted_config(world, out, epsilon=EPSILON, learning_rate=3e-2, **top)
 
 
 @pytest.mark.parametrize("update", ["adapter", "projected"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import subject_images, write_prompts
+from conftest import budget_world, budgeted_config
 from torch import nn
 
 from nullbooth.cli.main import main
@@ -61,18 +61,12 @@ def test_a_grouped_convolution_is_refused_in_one_line():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("unet_scope")
-    return {"tmp": tmp, "instance": subject_images(tmp / "instance"), "prompts": write_prompts(tmp / "prior.txt", PRIOR)}
+    return budget_world(tmp_path_factory.mktemp("unet_scope"), PRIOR)
 
 
-def scope_config(world, out: str, **top) -> dict:
-    nb = {"original_knowledge_prompts": str(world["prompts"]), "cov_matrices_output_dir": str(world["tmp"] / "cov"),
-          "num_denoising_steps": 2, "collection_batch_size": 4, "nullspace_mode": "rank", "nullspace_threshold": 0,
-          "leakage_budget": EPSILON, "scope": "unet", **top.pop("nullbooth", {})}
-    return {"pretrained_model_name_or_path": "tiny-sd", "resolution": 16, "seed": 3,
-            "instance_data_dir": str(world["instance"]), "instance_prompt": "a photo of sks dog",
-            "output_dir": str(world["tmp"] / out), "max_train_steps": 4, "checkpointing_steps": 100,
-            "learning_rate": 1e-2, "nullbooth": nb, **top}
+def scope_config(world, out: str, nullbooth: dict | None = None, **top) -> dict:
+    block = {"scope": "unet", **(nullbooth or {})}
+    return budgeted_config(world, out, epsilon=EPSILON, learning_rate=1e-2, nullbooth=block, **top)
 
 
 @pytest.fixture(scope="module")

@@ -291,6 +291,12 @@ def test_shipped_world_model_loads_with_plain_diffusers():
     assert gate["train"]["shape_and_colour"] >= 0.95
 
 
+def test_load_pipeline_auto_puts_the_model_on_the_available_device():
+    from nullbooth.models import load_pipeline
+
+    assert load_pipeline("tiny-sd", device="auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_shipped_vae_gate_is_recorded_and_passed():
     """The general VAE's gate (scripts/vae_gate.py) on 40 held-out random subjects × 5 views, as recorded: PSNR
     32.4 dB (≥ 28 required); the judge reads the reconstruction as the original for shape 98.5 %, colour 93 % and

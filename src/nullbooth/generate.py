@@ -396,8 +396,7 @@ def generate(cfg: Config, *, pipe=None) -> list[Path]:
                              "DIR, or leave --compare-base out to sample the base model alone")
     kind, where = find_personalization(source, cfg.perfusion) if source else (None, out_dir)
     if pipe is None:
-        pipe = load_pipeline(cfg.pretrained_model_name_or_path,
-                             device="cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="auto")
     scheduler = pipe.scheduler
     try:
         if g.scheduler:

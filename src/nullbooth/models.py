@@ -390,7 +390,8 @@ def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, devi
 
     A local folder is checked first (:func:`check_model_folder`), a hub id's ``model_index.json`` read first:
     corrupt or missing ``model_index.json``, another pipeline family or pickled weights give one clear error
-    instead of a traceback, a large download or an unpickling load.
+    instead of a traceback, a large download or an unpickling load. ``device="auto"``: CUDA when available,
+    else the CPU.
     """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -418,4 +419,6 @@ def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, devi
         ) from None
     _check_loaded(pipe, path)
     pipe.set_progress_bar_config(disable=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return pipe.to(device)

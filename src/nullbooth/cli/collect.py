@@ -73,12 +73,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def _other_statistics(cfg: Config, run_dir) -> None:
     """``scope: unet`` trains every UNet weight: their statistics too, so that training starts from a complete run."""
-    import torch
-
     from nullbooth.methods.unet_scope import other_statistics
     from nullbooth.models import load_pipeline
 
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="auto")
     other_statistics(cfg, run_dir, pipe)
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from nullbooth.conditioning import encoder_names
@@ -397,8 +396,7 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
     subjects, instances = requested_subjects(req)
     subject_prompts = [p for subject in subjects for p in subject.prompts]
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(req.base, device=device)
+    pipe = load_pipeline(req.base, device="auto")
     check_size(pipe, s.resolution, "evaluate: --resolution")
     check_steps(pipe, s.steps, "evaluate: --steps")
     check_comparable(pipe_architecture(pipe), req.base, pers_path, kind)
@@ -408,7 +406,7 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
     base_subject = render(pipe, subject_prompts, req.sampling) if subjects else None
     if kind == "model":
         del pipe
-        pipe = load_pipeline(str(pers_path), device=device)
+        pipe = load_pipeline(str(pers_path), device=pipe.device)
         what = "model"
     else:
         what = load_personalization(pipe, pers_path, PerfusionBlock(), req.base)
