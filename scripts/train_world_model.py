@@ -168,6 +168,7 @@ def train_vae(vae, world: World, stage: Stage, args) -> dict:
         vae.encoder.conv_out.bias[vae.config.latent_channels:].fill_(-6.0)
     pattern_world = World(WorldConfig(resolution=world.config.resolution, pattern_prob=1.0))
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    vae.to(memory_format=torch.channels_last)  # oneDNN: crop steps ≈ 15 % faster, full-image steps the same (one thread)
     vae.train()
     step, recent = 0, []
     while not stage.done(step):
@@ -177,6 +178,7 @@ def train_vae(vae, world: World, stage: Stage, args) -> dict:
             g["lr"] = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         crop = None if full else world.config.resolution // 2
         x = vae_batch(world, rng, args.vae_batch // (2 if full else 1), pattern_world, crop)  # [B, 3, S, S]
+        x = x.contiguous(memory_format=torch.channels_last)
         post = vae.encode(x).latent_dist
         z = post.sample()  # [B, 4, S/f, S/f]
         x_hat = vae.decode(z).sample  # [B, 3, S, S]
@@ -192,6 +194,7 @@ def train_vae(vae, world: World, stage: Stage, args) -> dict:
         if step % 50 == 0:
             log.info("vae step %d  mse %.5f  kl %.3f  %s", step, np.mean(recent[-50:]), float(kl.detach()),
                      "full" if full else "crops")
+    vae.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
     vae.eval()
     # Held-out reconstruction error in pixel units (0–255) on fresh images, and PSNR on held-out random subjects.
     with torch.no_grad():

@@ -36,6 +36,7 @@ def test_step_budgets_end_each_stage_after_exactly_their_steps(script):
     assert script.Stage(clock, clock.deadline(1.0)).done(0)  # the time budget alone: over before it starts
     vae = script.train_vae(pipe.vae, world, script.Stage(clock, clock.deadline(1.0), args.vae_steps), args)
     assert vae["steps"] == 2
+    assert all(p.is_contiguous() for p in pipe.vae.parameters())  # trained channels-last, saved as stored
     means, stds, attrs = script.training_latents(pipe.vae, world, 4, 0, seed=0)
     stage = script.Stage(clock, clock.t0 + clock.total, args.unet_steps)
     assert [stage.fraction(k) for k in (0, 3)] == [0.0, 1.0]
