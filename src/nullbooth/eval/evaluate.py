@@ -405,8 +405,9 @@ def evaluate(req: EvalRequest) -> dict[str, Any]:
     base = render(pipe, req.prompts, req.sampling)
     base_subject = render(pipe, subject_prompts, req.sampling) if subjects else None
     if kind == "model":
-        del pipe
-        pipe = load_pipeline(str(pers_path), device=pipe.device)
+        device = pipe.device
+        del pipe  # one pipeline in memory at a time
+        pipe = load_pipeline(str(pers_path), device=device)
         what = "model"
     else:
         what = load_personalization(pipe, pers_path, PerfusionBlock(), req.base)
