@@ -354,9 +354,7 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
     n = means.shape[0]
     step, recent = 0, []
     last_snapshot = clock.now()
-    while True:
-        if stage.done(step):
-            break
+    while not stage.done(step):
         frac = stage.fraction(step)
         if not text_frozen and frac >= args.text_frac:
             text_encoder.requires_grad_(False)
