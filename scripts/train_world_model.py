@@ -21,8 +21,9 @@ in three stages inside one time budget (CPU time of this process by default, see
 
 Then it saves an fp16 diffusers folder (plain ``StableDiffusionPipeline.from_pretrained`` loads it), measures
 the VAE gate on held-out random subjects (``scripts/vae_gate.py``: ``vae_gate.json``, ``vae_grid.png``) and
-the quality gate with the judge (``nullbooth.world.judge``): the fraction of generations for held-out
-shape × colour prompts whose shape and colour the judge reads as prompted.
+the composition gate with the judge (``scripts/composition_gate.py``: ``composition_gate.json``, sample grids):
+the fraction of generations for held-out shape × colour prompts whose shape and colour the judge reads as
+prompted.
 
     python scripts/train_world_model.py                          # the shipped model (≈ 82 min on 1 CPU thread)
     python scripts/train_world_model.py --smoke                  # 1-minute end-to-end check
@@ -51,14 +52,11 @@ import torch.nn.functional as F
 
 from nullbooth.filenames import WORLD_MODEL_MARKER
 from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
-from nullbooth.sampling import sample
 from nullbooth.world.broad import broad_image
 from nullbooth.world.objects import OBJECT_SEED, object_arrays
 from nullbooth.world.scenes import (
     World,
     WorldConfig,
-    heldout_prompts,
-    prior_prompts,
 )
 from nullbooth.world.subjects import HELDOUT_SEED, random_subject, subject_instances, write_prompt_lists
 
@@ -428,24 +426,6 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 50):
-    """Images for ``prompts``; prompt ``i`` uses generator seed ``seed + i`` (same seeds for any model)."""
-    return sample(pipe, prompts, range(seed, seed + len(prompts)), steps=steps, guidance=guidance, batch_size=batch)
-
-
-def quality_gate(pipe, judge, n: int, steps: int, guidance: float, seed: int) -> dict:
-    """Fraction of held-out-pair (and seen-pair) generations whose judged shape and colour match the prompt."""
-    from nullbooth.world.judge import shape_colour_match
-
-    result = {}
-    for name, prompts in (("heldout", [p for p, _ in heldout_prompts(n, seed=seed)]),
-                          ("train", prior_prompts(n, seed=seed + 7))):
-        images = generate(pipe, prompts, seed, steps, guidance)
-        result[name] = shape_colour_match(judge, images, prompts)
-        result[name + "_images"] = images
-    return result
-
-
 def mark_float32_default(folder: Path) -> None:
     """Make a plain ``from_pretrained(folder)`` load every component in float32.
 
@@ -457,17 +437,6 @@ def mark_float32_default(folder: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["dtype"] = "float32"
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def save_grid(images, path: Path, cols: int = 10) -> None:
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for k, im in enumerate(images):
-        grid.paste(im, ((k % cols) * w, (k // cols) * h))
-    grid.save(path)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -500,7 +469,7 @@ def parse_args(argv=None):
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--text-frac", type=float, default=0.0, help="train the text encoder for this fraction")
-    p.add_argument("--eval-n", type=int, default=100, help="prompts per gate split")
+    p.add_argument("--eval-n", type=int, default=500, help="prompts per composition-gate split")
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--judge", type=str, default=None, help="judge folder (default: the shipped judge)")
@@ -617,13 +586,17 @@ def main(argv=None) -> int:
         judge = None
     if judge is not None:
         t0 = time.monotonic()
-        gate = quality_gate(pipe, judge, args.eval_n, args.eval_steps, args.guidance, seed=args.seed + 12345)
-        save_grid(gate.pop("heldout_images")[:50], tmp / "heldout_grid.png")
-        save_grid(gate.pop("train_images")[:50], tmp / "train_grid.png")
-        gate.update(steps=args.eval_steps, guidance=args.guidance, seconds=round(time.monotonic() - t0, 1))
-        info["quality_gate"] = gate
-        log.info("quality gate: %s", json.dumps(gate))
+        from composition_gate import composition_gate, save_grid  # scripts/composition_gate.py, beside this script
         from vae_gate import vae_gate  # scripts/vae_gate.py, beside this script
+
+        gate, heldout, train = composition_gate(pipe, judge, args.eval_n, args.eval_steps, args.guidance,
+                                                seed=args.seed + 12345)
+        save_grid(heldout[:50], tmp / "heldout_grid.png")
+        save_grid(train[:50], tmp / "train_grid.png")
+        gate["seconds"] = round(time.monotonic() - t0, 1)
+        info["quality_gate"] = gate
+        (tmp / "composition_gate.json").write_text(json.dumps(gate, indent=2) + "\n")
+        log.info("composition gate: %s", json.dumps(gate))
 
         info["vae_gate"], grid = vae_gate(pipe.vae, judge)
         grid.save(tmp / "vae_grid.png")
