@@ -2,8 +2,8 @@
 """The general VAE's gate, on a saved diffusers folder: does it carry subjects it never saw?
 
 The family is :data:`nullbooth.world.subjects.HELDOUT_SEED` — random subjects over the whole space (any shape,
-main colour, pattern kind, period, angle and pattern colour), never trained or tuned on — in all five instance
-views. Each image goes through ``decode(mode(encode(x)))`` and the reconstruction is
+main colour, pattern kind, period, angle and pattern colour), never trained or tuned on —, its first 160 subjects
+in all five instance views. Each image goes through ``decode(mode(encode(x)))`` and the reconstruction is
 
 - **judged** (the open-palette judge): ``kept`` — the reconstruction shows what the judge sees in the original
   (same shape, same pattern kind, main and pattern colour within the fidelity tolerance: the codec, not the judge,
@@ -11,7 +11,9 @@ views. Each image goes through ``decode(mode(encode(x)))`` and the reconstructio
   whose ceiling is the judge's own accuracy;
 - **measured**: PSNR per image (peak 2 on the [-1, 1] range, i.e. 255 on 0–255), mean, median and 5th percentile.
 
-Gate: every ``kept`` rate (shape, colour, pattern) ≥ 95 % and mean PSNR ≥ 28 dB. Writes ``vae_gate.json`` and
+Each ``kept`` rate comes with a 95 % interval that resamples whole subjects (``kept_ci95``): 40 subjects read a
+rate to about ±4 points, 160 to about ±2. Gate: every ``kept`` rate (shape, colour, pattern) ≥ 95 % and mean PSNR
+≥ 28 dB. Writes ``vae_gate.json`` and
 ``vae_grid.png`` (rows of originals over their reconstructions) into the model folder.
 
     python scripts/vae_gate.py src/nullbooth/data/models/tiny-sd
@@ -53,8 +55,9 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
-def kept(judge, originals: list[Image.Image], recons: list[Image.Image]) -> dict[str, float]:
-    """Share of reconstructions the judge reads as it reads their originals: shape, kind, colours."""
+def kept_flags(judge, originals: list[Image.Image], recons: list[Image.Image]) -> dict[str, np.ndarray]:
+    """Per image, does the judge read the reconstruction as it reads the original: shape, pattern kind, main colour
+    and pattern colour (float 0/1; the pattern colour NaN where the original reads solid)."""
     from nullbooth.eval.fidelity import COLOUR_TOLERANCE
     from nullbooth.world.judge import SYMMETRIC_KINDS, colour_pair_errors
 
@@ -63,13 +66,25 @@ def kept(judge, originals: list[Image.Image], recons: list[Image.Image]) -> dict
     symmetric = np.array([k in SYMMETRIC_KINDS for k in kinds])
     main, pattern, _ = colour_pair_errors(b.colour, b.pattern_colour, a.colour, a.pattern_colour, symmetric)
     solid = np.array([k == "solid" for k in kinds])
-    return {"shape": float(np.mean([x == y for x, y in zip(a.labels["shape"], b.labels["shape"])])),
-            "colour": float(np.mean(main <= COLOUR_TOLERANCE)),
-            "pattern": float(np.mean([x == y for x, y in zip(kinds, b.labels["pattern_kind"])])),
-            "pattern_colour": float(np.mean(pattern[~solid] <= COLOUR_TOLERANCE)) if (~solid).any() else 1.0}
+    return {"shape": np.equal(a.labels["shape"], b.labels["shape"]).astype(float),
+            "colour": (main <= COLOUR_TOLERANCE).astype(float),
+            "pattern": np.equal(kinds, b.labels["pattern_kind"]).astype(float),
+            "pattern_colour": np.where(solid, np.nan, (pattern <= COLOUR_TOLERANCE).astype(float))}
 
 
-def vae_gate(vae, judge, n_subjects: int = 40, seed: int | None = None) -> tuple[dict, Image.Image]:
+def subject_interval(flags: np.ndarray, n_views: int, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of a kept rate, resampling whole subjects: a subject's views share its
+    colours and pattern, so they are not independent trials and a per-view binomial interval would be too narrow."""
+    per_subject = flags.reshape(-1, n_views)  # [subjects, views]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(per_subject), size=(draws, len(per_subject)))
+    with np.errstate(invalid="ignore"):
+        rates = np.array([np.nanmean(per_subject[p]) for p in picks])
+    lo, hi = np.nanpercentile(rates, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def vae_gate(vae, judge, n_subjects: int = 160, seed: int | None = None) -> tuple[dict, Image.Image]:
     """The gate's numbers and a grid (originals over reconstructions, first 10 subjects' first two views)."""
     from nullbooth.eval.fidelity import reference_from_subject, subject_fidelity_scores
     from nullbooth.world.subjects import HELDOUT_SEED, random_subject, subject_instances
@@ -88,11 +103,13 @@ def vae_gate(vae, judge, n_subjects: int = 40, seed: int | None = None) -> tuple
                 if f[k] is not None:
                     scores[name][k].extend([f[k]] * len(images))  # per-image weights: solid subjects have no pattern colour
     values = np.array([psnr(a, b) for o, r in zip(originals, recons) for a, b in zip(o, r)])
+    flags = kept_flags(judge, [im for o in originals for im in o], [im for r in recons for im in r])
     result = {
         "family_seed": seed, "subjects": n_subjects, "images": int(len(values)),
         "psnr_db": {"mean": float(values.mean()), "median": float(np.median(values)),
                     "p05": float(np.percentile(values, 5)), "min": float(values.min())},
-        "kept": kept(judge, [im for o in originals for im in o], [im for r in recons for im in r]),
+        "kept": {k: float(np.nanmean(v)) for k, v in flags.items()},
+        "kept_ci95": {k: list(subject_interval(v, len(originals[0]))) for k, v in flags.items()},
         "against_truth": {name: {k: float(np.mean(v)) for k, v in d.items()} for name, d in scores.items()},
         "gate": {"keep": GATE_KEEP, "psnr_db": GATE_PSNR_DB},
     }
@@ -111,7 +128,7 @@ def vae_gate(vae, judge, n_subjects: int = 40, seed: int | None = None) -> tuple
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="a diffusers folder with vae/")
-    p.add_argument("--subjects", type=int, default=40)
+    p.add_argument("--subjects", type=int, default=160)
     args = p.parse_args(argv)
     from diffusers import AutoencoderKL
 
