@@ -3,13 +3,13 @@
 
 Five shape × colour pairs of the world (``World.pairs("heldout")``: green circle, purple square, …) are never
 captioned in training. The gate draws ``n`` prompts of those pairs (cycling through them evenly) and ``n`` prompts
-of seen pairs, prompt ``i`` from generator seed ``seed + i``, and the shipped judge reads each image's shape and
+of seen pairs, prompt ``i`` from generator seed ``seed + i``, and the judge reads each image's shape and
 colour (:func:`nullbooth.world.judge.shape_colour_match`). Gate: held-out shape *and* colour right in ≥ 95 % of
 the images.
 
-Each rate comes with its 95 % Wilson score interval: at n = 100 a true 93 % reads anywhere from 88 % to 97 %, so
-the default n is 500 (about ±2 points). Writes ``composition_gate.json`` (rates, intervals, the held-out rate per
-pair) and ``heldout_grid.png`` / ``train_grid.png`` (the first 50 images of each split) into the model folder.
+Each rate comes with its 95 % Wilson score interval: 93 of 100 reads 86–97 %, so the default n is 500 (about ±2
+points). Writes ``composition_gate.json`` (rates, intervals, the held-out rate per pair) and ``heldout_grid.png`` /
+``train_grid.png`` (the first 50 images of each split) into the model folder.
 
     python scripts/composition_gate.py src/nullbooth/data/models/tiny-sd
 """

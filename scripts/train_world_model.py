@@ -54,10 +54,7 @@ from nullbooth.filenames import WORLD_MODEL_MARKER
 from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
 from nullbooth.world.broad import broad_image
 from nullbooth.world.objects import OBJECT_SEED, object_arrays
-from nullbooth.world.scenes import (
-    World,
-    WorldConfig,
-)
+from nullbooth.world.scenes import World, WorldConfig
 from nullbooth.world.subjects import HELDOUT_SEED, random_subject, subject_instances, write_prompt_lists
 
 log = logging.getLogger("train_world_model")

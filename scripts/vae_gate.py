@@ -13,8 +13,8 @@ in all five instance views. Each image goes through ``decode(mode(encode(x)))`` 
 
 Each ``kept`` rate comes with a 95 % interval that resamples whole subjects (``kept_ci95``): 40 subjects read a
 rate to about ±4 points, 160 to about ±2. Gate: every ``kept`` rate (shape, colour, pattern) ≥ 95 % and mean PSNR
-≥ 28 dB. Writes ``vae_gate.json`` and
-``vae_grid.png`` (rows of originals over their reconstructions) into the model folder.
+≥ 28 dB. Writes ``vae_gate.json`` and ``vae_grid.png`` (rows of originals over their reconstructions) into the
+model folder.
 
     python scripts/vae_gate.py src/nullbooth/data/models/tiny-sd
 """
