@@ -12,7 +12,7 @@ in all five instance views. Each image goes through ``decode(mode(encode(x)))`` 
 - **measured**: PSNR per image (peak 2 on the [-1, 1] range, i.e. 255 on 0–255), mean, median and 5th percentile.
 
 Each ``kept`` rate comes with a 95 % interval that resamples whole subjects (``kept_ci95``): 40 subjects read a
-rate to about ±4 points, 160 to about ±2. Gate: every ``kept`` rate (shape, colour, pattern) ≥ 95 % and mean PSNR
+rate to about ±4 points, 160 to about ±2–3. Gate: every ``kept`` rate (shape, colour, pattern) ≥ 95 % and mean PSNR
 ≥ 28 dB. Writes ``vae_gate.json`` and ``vae_grid.png`` (rows of originals over their reconstructions) into the
 model folder.
 
