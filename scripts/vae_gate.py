@@ -108,9 +108,12 @@ def vae_gate(vae, judge, n_subjects: int = 160, seed: int | None = None) -> tupl
         "family_seed": seed, "subjects": n_subjects, "images": int(len(values)),
         "psnr_db": {"mean": float(values.mean()), "median": float(np.median(values)),
                     "p05": float(np.percentile(values, 5)), "min": float(values.min())},
-        "kept": {k: float(np.nanmean(v)) for k, v in flags.items()},
-        "kept_ci95": {k: list(subject_interval(v, len(originals[0]))) for k, v in flags.items()},
-        "against_truth": {name: {k: float(np.mean(v)) for k, v in d.items()} for name, d in scores.items()},
+        # Pattern colour is None when every original reads solid (nothing to keep).
+        "kept": {k: float(np.nanmean(v)) if np.isfinite(v).any() else None for k, v in flags.items()},
+        "kept_ci95": {k: list(subject_interval(v, len(originals[0]))) if np.isfinite(v).any() else None
+                      for k, v in flags.items()},
+        "against_truth": {name: {k: float(np.mean(v)) if v else None for k, v in d.items()}
+                          for name, d in scores.items()},
         "gate": {"keep": GATE_KEEP, "psnr_db": GATE_PSNR_DB},
     }
     k = result["kept"]

@@ -67,3 +67,21 @@ def test_the_interval_resamples_subjects_not_views(gate_script):
     assert gate_script.subject_interval(np.ones(200), 5) == (1.0, 1.0)
     with_nan = np.where(np.arange(200) % 5 == 0, np.nan, 1.0)
     assert gate_script.subject_interval(with_nan, 5) == (1.0, 1.0)
+
+
+def test_a_family_of_solid_subjects_has_no_pattern_colour_to_keep(gate_script, monkeypatch):
+    """Where every original reads solid the pattern-colour rate is None, not NaN (which JSON cannot hold) nor 1."""
+    from dataclasses import replace
+
+    import nullbooth.world.subjects as subjects
+    from nullbooth.world.judge import load_judge
+
+    draw = subjects.random_subject
+    monkeypatch.setattr(subjects, "random_subject",
+                        lambda seed, i: replace(draw(seed, i), pattern="solid", pattern_colour=None))
+    result, _ = gate_script.vae_gate(Codec(), load_judge(), n_subjects=4)
+    if result["against_truth"]["original"]["pattern_match"] < 1.0:
+        pytest.skip("the judge reads a pattern into a solid view")
+    assert result["kept"]["pattern_colour"] is None and result["kept_ci95"]["pattern_colour"] is None
+    assert result["against_truth"]["original"]["pattern_colour_match"] is None
+    assert result["passed"]
