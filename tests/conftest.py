@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -15,7 +16,18 @@ import torch  # noqa: E402
 # Tiny tensors: one thread is faster than two, and much faster on a loaded shared machine.
 torch.set_num_threads(1)
 
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
 PROMPTS = ["a red circle on the left", "a small blue square", "a green triangle at the top, white background"]
+
+
+@pytest.fixture(scope="module")
+def scripts_importable():
+    """``scripts/`` on ``sys.path`` for a test module: the gate scripts are imported by name, as the training
+    script imports them from beside it."""
+    sys.path.insert(0, str(SCRIPTS))
+    yield SCRIPTS
+    sys.path.remove(str(SCRIPTS))
 
 
 @pytest.fixture(scope="session")

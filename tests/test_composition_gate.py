@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 Z = 1.959964
 
 
 @pytest.fixture(scope="module")
-def gate_script():
-    sys.path.insert(0, str(SCRIPTS))
+def gate_script(scripts_importable):
     import composition_gate
 
-    yield composition_gate
-    sys.path.remove(str(SCRIPTS))
+    return composition_gate
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (93, 100), (467, 500), (500, 500)])

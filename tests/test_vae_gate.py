@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
 
 @pytest.fixture(scope="module")
-def gate_script():
-    sys.path.insert(0, str(SCRIPTS))
+def gate_script(scripts_importable):
     import vae_gate
 
-    yield vae_gate
-    sys.path.remove(str(SCRIPTS))
+    return vae_gate
 
 
 class Codec:

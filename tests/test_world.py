@@ -311,17 +311,13 @@ def test_shipped_vae_gate_is_recorded_and_passed():
 
 
 @pytest.mark.slow
-def test_shipped_vae_keeps_new_subjects():
+def test_shipped_vae_keeps_new_subjects(scripts_importable):
     """A re-measurement on 6 held-out subjects (30 images): PSNR per image recomputed here from the pixels; the
     recorded mean is ≥ 28 dB over 200 images, and 30 of them average ≥ 26 dB unless the weights changed."""
-    import sys
-
     from diffusers import AutoencoderKL
+    from vae_gate import reconstruct
 
     from nullbooth.world.subjects import HELDOUT_SEED, random_subject
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from vae_gate import reconstruct
 
     vae = AutoencoderKL.from_pretrained(shipped_model(), subfolder="vae", dtype=torch.float32).eval()
     views = [im for i in range(6) for im in subject_instances(5, random_subject(HELDOUT_SEED, i))]

@@ -5,24 +5,18 @@ so a recipe runs the same on a slower machine or under load; a time budget alone
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from nullbooth.world.scenes import World, WorldConfig
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
 
 @pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(SCRIPTS))  # the script imports vae_gate from beside it
-    spec = importlib.util.spec_from_file_location("train_world_model", SCRIPTS / "train_world_model.py")
+def script(scripts_importable):
+    spec = importlib.util.spec_from_file_location("train_world_model", scripts_importable / "train_world_model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    yield mod
-    sys.path.remove(str(SCRIPTS))
+    return mod
 
 
 def test_step_budgets_end_each_stage_after_exactly_their_steps(script):
