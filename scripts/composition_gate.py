@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 GATE = 0.95
-SEED = 12345  # the training script's gate seed for --seed 0 (it passes its --seed + 12345)
+SEED = 12345  # the gate's prompt and noise seed; the training script passes SEED + its --seed
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:

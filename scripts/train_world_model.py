@@ -583,11 +583,11 @@ def main(argv=None) -> int:
         judge = None
     if judge is not None:
         t0 = time.monotonic()
-        from composition_gate import composition_gate, save_grid  # scripts/composition_gate.py, beside this script
+        from composition_gate import SEED, composition_gate, save_grid  # scripts/composition_gate.py, beside this
         from vae_gate import vae_gate  # scripts/vae_gate.py, beside this script
 
         gate, heldout, train = composition_gate(pipe, judge, args.eval_n, args.eval_steps, args.guidance,
-                                                seed=args.seed + 12345)
+                                                seed=SEED + args.seed)
         save_grid(heldout[:50], tmp / "heldout_grid.png")
         save_grid(train[:50], tmp / "train_grid.png")
         gate["seconds"] = round(time.monotonic() - t0, 1)
