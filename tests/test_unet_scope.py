@@ -8,7 +8,8 @@
 - the time embedding's statistic equals the one computed here from the sampler's timesteps alone (it does not
   depend on the prompts): the recording is right, not only self-consistent (relative 1e-10);
 - the UNet statistics are written once into the run and reused — by ``nullbooth collect`` already, when the config
-  says scope unet, so training samples nothing more; a foreign file is refused in one line;
+  says scope unet (loading the model once for both), so training samples nothing more; a foreign file is refused in
+  one line;
 - config: the adapter update and train_text_encoder are refused with scope unet, each in one line.
 """
 
@@ -22,6 +23,7 @@ import yaml
 from conftest import budget_world, budgeted_config
 from torch import nn
 
+from nullbooth import models as models_module
 from nullbooth.cli.main import main
 from nullbooth.config import config_from_dict
 from nullbooth.config.schema import training_problems
@@ -29,6 +31,7 @@ from nullbooth.errors import NullBoothError
 from nullbooth.filenames import ADAPTER_WEIGHTS, FULL_UNET_DIR, UNET_MOMENTS
 from nullbooth.generate import load_personalization, trained_method
 from nullbooth.models import load_pipeline
+from nullbooth.runs import collect as collect_module
 from nullbooth.runs import unet_moments as moments_module
 from nullbooth.runs.layout import load_statistics, read_manifest
 from nullbooth.runs.plan import make_scheduler
@@ -135,7 +138,16 @@ def test_collect_writes_the_unet_statistics_that_training_reads(world, tmp_path,
                        nullbooth={"cov_matrices_output_dir": str(tmp_path / "cov")})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    loads = []
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return load_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(models_module, "load_pipeline", counted)
+    monkeypatch.setattr(collect_module, "load_pipeline", counted)
     assert main(["collect", "--config", str(path)]) == 0
+    assert len(loads) == 1, "collect loaded the model again for the UNet statistics"
     run = Path(capsys.readouterr().out.strip().splitlines()[-1])
     stats, meta = load_statistics(run / UNET_MOMENTS)
     assert meta["run_key"] == read_manifest(run)["key"] and "time_embedding.linear_1" in stats

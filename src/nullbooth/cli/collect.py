@@ -62,22 +62,31 @@ def cmd_collect(args: argparse.Namespace) -> int:
         from nullbooth.runs.collect import collect
 
         cfg = load_config(args.config, flags)
-        run_dir = collect(cfg, fresh=args.fresh, prompt_offset=getattr(args, "prompt_offset", None) or 0,
+        unet_scope = cfg.nullbooth.scope == "unet"
+        # One process: the pipeline the collection samples also gives the UNet statistics (one load, not two).
+        # Under a launcher each rank loads its own on its GPU, and rank 0 alone samples the UNet statistics.
+        pipe = _load(cfg) if unet_scope and not _is_launched() else None
+        run_dir = collect(cfg, pipe=pipe, fresh=args.fresh, prompt_offset=getattr(args, "prompt_offset", None) or 0,
                           observers=collection_observers(cfg))
-        if cfg.nullbooth.scope == "unet" and _is_main_process():
-            _other_statistics(cfg, run_dir)
+        if unet_scope and _is_main_process():
+            from nullbooth.methods.unet_scope import other_statistics
+
+            other_statistics(cfg, run_dir, pipe or _load(cfg))
     if _is_main_process():  # under torchrun every process returns the same run: print it once
         print(run_dir)
     return 0
 
 
-def _other_statistics(cfg: Config, run_dir) -> None:
-    """``scope: unet`` trains every UNet weight: their statistics too, so that training starts from a complete run."""
-    from nullbooth.methods.unet_scope import other_statistics
+def _is_launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _load(cfg: Config):
+    """``scope: unet`` trains every UNet weight, so collect samples their statistics too and training starts from a
+    complete run; this is the pipeline for them."""
     from nullbooth.models import load_pipeline
 
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="auto")
-    other_statistics(cfg, run_dir, pipe)
+    return load_pipeline(cfg.pretrained_model_name_or_path, device="auto")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
