@@ -29,6 +29,7 @@ from nullbooth.world.judge_train import (
     judge_loss,
     subject_set,
     train_judge,
+    translate,
 )
 from nullbooth.world.subjects import HELDOUT_SEED, SUITE_SEED, random_subject
 from nullbooth.world.textures import ALL_SHAPES, PATTERN_KINDS
@@ -123,6 +124,28 @@ def test_colour_targets_drift_with_the_pixels():
     assert float((gain - 1).abs().max()) <= 0.05 and float(shift.abs().max()) <= 0.05
 
 
+def test_translate_moves_the_image_and_repeats_the_edge():
+    x = torch.rand(2, 3, 9, 7, generator=torch.Generator().manual_seed(0))
+    right = translate(x, 2, 0)
+    assert torch.equal(right[..., 2:], x[..., :-2]) and torch.equal(right[..., :2], x[..., :1].expand(-1, -1, -1, 2))
+    up = translate(x, 0, -1)
+    assert torch.equal(up[..., :-1, :], x[..., 1:, :]) and torch.equal(up[..., -1, :], x[..., -1, :])
+    assert torch.equal(translate(translate(x, -1, 1), 1, -1)[..., 1:-1, 1:-1], x[..., 1:-1, 1:-1])
+
+
+def test_shift_augmentation_moves_chunks_by_at_most_max_shift():
+    x = torch.full((64, 3, 16, 16), -1.0)
+    x[:, :, 6:11, 6:11] = 1.0  # a bright 5×5 block centred on (8, 8): blur and noise leave its centroid in place
+    gen = torch.Generator().manual_seed(1)
+    moved = set()
+    for _ in range(8):
+        y, _, _ = augment(x, gen, colour_jitter=0.0, max_shift=2)
+        for img in y[::16]:  # one translation per chunk of 16
+            rows, cols = torch.nonzero(img.mean(0) > 0, as_tuple=True)
+            moved.add((round(float(cols.float().mean())) - 8, round(float(rows.float().mean())) - 8))
+    assert moved <= {(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)} and len(moved) > 5
+
+
 def test_training_family_is_neither_the_suite_nor_the_heldout_family():
     assert TRAIN_SEED not in (SUITE_SEED, HELDOUT_SEED)
     x, t = subject_set(4, TRAIN_SEED, 0)
@@ -130,9 +153,10 @@ def test_training_family_is_neither_the_suite_nor_the_heldout_family():
 
 
 def test_a_tiny_training_run_records_what_it_measured():
-    judge, acc = train_judge(n_world=96, n_subjects=96, n_test=64, epochs=1, batch=32)
+    judge, acc = train_judge(n_world=96, n_subjects=96, n_test=64, epochs=1, batch=32, max_shift=1)
     assert set(acc) == {"shape", "colour", "position", "size", "background", "pattern"}
     assert {"train_seconds", "render_seconds", "seed", "subject_family"} <= set(judge.config.training)
+    assert judge.config.training["max_shift"] == 1
     assert judge.config.heldout["family"] == HELDOUT_SEED
     assert {"shape", "pattern_kind", "colour_error_median", "colour_error_p95", "period_error_median",
             "angle_error_median", "colour_error_p95_aug"} <= set(judge.config.heldout)

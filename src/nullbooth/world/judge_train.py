@@ -170,15 +170,30 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, colour_jitter: float = 0.05
+def translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``[B, 3, H, W]`` moved ``dx`` pixels right and ``dy`` down, the edge pixels repeated into the gap."""
+    if dx == 0 and dy == 0:
+        return x
+    m = max(abs(dx), abs(dy))
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (m, m, m, m), mode="replicate")
+    return padded[..., m - dy:m - dy + h, m - dx:m - dx + w]
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, colour_jitter: float = 0.05, max_shift: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Degrade clean renders the way generations are degraded: blur, noise, a small per-channel affine drift.
+    """Degrade clean renders the way generations are degraded: blur, noise, a small per-channel affine drift, and
+    with ``max_shift`` a translation by up to that many pixels in x and y (stride-2 convolutions alias: without it
+    a one-pixel move of the same image changes some readings).
 
     Returns the images and the drift ``(gain, shift)`` ``[B, 3]`` so that colour targets move with the pixels
     (:func:`drift`): the open-palette heads read the colour that is drawn. Per chunk of 16 images (batched blur).
     """
     out, gains, shifts = [], [], []
     for chunk in x.split(16):
+        if max_shift:
+            dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=gen))
+            chunk = translate(chunk, dx, dy)
         u = torch.rand(3, generator=gen)
         y = _gaussian_blur(chunk, float(u[0]) * 1.3 if u[1] < 0.7 else 0.0)
         b = chunk.shape[0]
@@ -294,7 +309,7 @@ def _concat(parts: list[tuple[np.ndarray, Targets]]) -> tuple[np.ndarray, Target
 
 def train_judge(n_world: int = 16000, n_subjects: int = 24000, n_test: int = 2000, epochs: int = 9,
                 batch: int = 128, lr: float = 3e-3, seed: int = 0, resolution: int = 64, pattern_frac: float = 0.3,
-                max_seconds: float | None = None) -> tuple[Judge, dict[str, float]]:
+                max_seconds: float | None = None, max_shift: int = 0) -> tuple[Judge, dict[str, float]]:
     """Train a judge on fresh renders; return it with its world accuracy on held-out world renders (augmented).
 
     ``judge.config.accuracy`` holds the world accuracies (augmented and ``_clean``), ``judge.config.training`` the
@@ -322,7 +337,7 @@ def train_judge(n_world: int = 16000, n_subjects: int = 24000, n_test: int = 200
         perm = torch.randperm(n, generator=gen)
         for s in range(0, n - batch + 1, batch):
             idx = perm[s:s + batch]
-            xb, gain, shift = augment(to_input(x_np[idx.numpy()]), gen)  # [B, 3, R, R]
+            xb, gain, shift = augment(to_input(x_np[idx.numpy()]), gen, max_shift=max_shift)  # [B, 3, R, R]
             loss = judge_loss(net(xb)[1], _batch_targets(t, idx, gain, shift))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -342,7 +357,7 @@ def train_judge(n_world: int = 16000, n_subjects: int = 24000, n_test: int = 200
     acc = world_accuracy(judge, xw_aug, tw.labels)
     judge.config.accuracy = {**acc, **{f"{k}_clean": v for k, v in world_accuracy(judge, xw, tw.labels).items()}}
     judge.config.training = {"seed": seed, "n_world": n_world, "n_subjects": n_subjects, "subject_family": TRAIN_SEED,
-                             "epochs": epochs, "batch": batch, "lr": lr, "threads": torch.get_num_threads(),
+                             "epochs": epochs, "batch": batch, "lr": lr, "max_shift": max_shift, "threads": torch.get_num_threads(),
                              "render_seconds": round(render_s, 1), "train_seconds": round(train_s, 1)}
     judge.config.heldout = {"family": HELDOUT_SEED, "n": n_test,
                             **{k: round(v, 4) for k, v in heldout_report(judge, n_test).items()}}
