@@ -9,8 +9,8 @@ It renders fresh ground-truth images (world renders, 30 % striped/dotted, and ra
 family), trains every head with blur/noise/small colour-drift augmentation (``--max-shift N``: also translations by
 up to N pixels, off for the shipped judge), and records in ``judge.json`` the world accuracy on 2000 world renders
 of another seed (augmented and clean), the training time, and the open-palette errors on 2000 subjects of the
-held-out family ``subjects.HELDOUT_SEED``. Fails (exit 1) if a world attribute is
-below ``--min-accuracy`` or held-out shape / pattern-kind accuracy is below ``--min-heldout``.
+held-out family ``subjects.HELDOUT_SEED``. Fails (exit 1) if a world attribute is below ``--min-accuracy`` or
+held-out shape / pattern-kind accuracy is below ``--min-heldout``.
 """
 
 from __future__ import annotations

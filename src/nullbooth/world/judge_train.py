@@ -357,8 +357,8 @@ def train_judge(n_world: int = 16000, n_subjects: int = 24000, n_test: int = 200
     acc = world_accuracy(judge, xw_aug, tw.labels)
     judge.config.accuracy = {**acc, **{f"{k}_clean": v for k, v in world_accuracy(judge, xw, tw.labels).items()}}
     judge.config.training = {"seed": seed, "n_world": n_world, "n_subjects": n_subjects, "subject_family": TRAIN_SEED,
-                             "epochs": epochs, "batch": batch, "lr": lr, "max_shift": max_shift, "threads": torch.get_num_threads(),
-                             "render_seconds": round(render_s, 1), "train_seconds": round(train_s, 1)}
+                             "epochs": epochs, "batch": batch, "lr": lr, "max_shift": max_shift,
+                             "threads": torch.get_num_threads(), "render_seconds": round(render_s, 1), "train_seconds": round(train_s, 1)}
     judge.config.heldout = {"family": HELDOUT_SEED, "n": n_test,
                             **{k: round(v, 4) for k, v in heldout_report(judge, n_test).items()}}
     return judge, acc
