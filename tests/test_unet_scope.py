@@ -160,6 +160,19 @@ def test_collect_writes_the_unet_statistics_that_training_reads(world, tmp_path,
     assert Path(report["stats_run"]) == run
 
 
+def test_collect_refuses_a_missing_prompt_file_before_loading_the_model(world, tmp_path, monkeypatch, capsys):
+    cfg = scope_config(world, "no_prompts", nullbooth={"cov_matrices_output_dir": str(tmp_path / "cov"),
+                                                       "original_knowledge_prompts": str(tmp_path / "missing.txt")})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    loads = []
+    monkeypatch.setattr(models_module, "load_pipeline", lambda *args, **kwargs: loads.append(args))
+    assert main(["collect", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.txt" in err and err.count("\n") == 1, err
+    assert loads == [], "collect loaded the model before checking its prompt file"
+
+
 def test_a_foreign_statistics_file_is_refused(trained, tmp_path, tiny_pipe):
     import shutil
 

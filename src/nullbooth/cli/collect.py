@@ -59,15 +59,19 @@ def cmd_collect(args: argparse.Namespace) -> int:
     else:
         from nullbooth.config import load_config
         from nullbooth.report.observers import collection_observers
-        from nullbooth.runs.collect import collect
+        from nullbooth.runs.collect import collect, collection_inputs
 
         cfg = load_config(args.config, flags)
         unet_scope = cfg.nullbooth.scope == "unet"
-        # One process: the pipeline the collection samples also gives the UNet statistics (one load, not two).
-        # Under a launcher each rank loads its own on its GPU, and rank 0 alone samples the UNet statistics.
-        pipe = _load(cfg) if unet_scope and not _is_launched() else None
-        run_dir = collect(cfg, pipe=pipe, fresh=args.fresh, prompt_offset=getattr(args, "prompt_offset", None) or 0,
-                          observers=collection_observers(cfg))
+        # One process: the pipeline the collection samples also gives the UNet statistics (one load, not two), and
+        # the inputs are checked before it loads. Under a launcher each rank loads its own on its GPU, and rank 0
+        # alone samples the UNet statistics.
+        prompts, pipe = None, None
+        if unet_scope and not _is_launched():
+            prompts = collection_inputs(cfg)
+            pipe = _load(cfg)
+        run_dir = collect(cfg, pipe=pipe, prompts=prompts, fresh=args.fresh,
+                          prompt_offset=getattr(args, "prompt_offset", None) or 0, observers=collection_observers(cfg))
         if unet_scope and _is_main_process():
             from nullbooth.methods.unet_scope import other_statistics
 

@@ -129,7 +129,16 @@ def find_run(output_dir: Path, key: str, *, complete: bool, job_key: str | None 
     return None
 
 
-def collect(cfg: Config, *, pipe=None, fresh: bool = False, progress: bool = True,
+def collection_inputs(cfg: Config) -> list[str]:
+    """The prompts of ``cfg``'s prompt file, after checking that its output folder is writable: the checks that need
+    no model, so that bad input fails before a model is loaded."""
+    nb = cfg.nullbooth
+    prompts = read_prompt_file(nb.original_knowledge_prompts)
+    check_writable(Path(nb.cov_matrices_output_dir))
+    return prompts
+
+
+def collect(cfg: Config, *, pipe=None, prompts: list[str] | None = None, fresh: bool = False, progress: bool = True,
             observers: Sequence[CollectionObserver] = (), on_batch: OnBatch | None = None,
             distributed: bool | None = None, prompt_offset: int = 0) -> Path:
     """Run (or resume, or reuse) the collection described by ``cfg``; return the complete run directory.
@@ -140,12 +149,13 @@ def collect(cfg: Config, *, pipe=None, fresh: bool = False, progress: bool = Tru
     ``distributed=True`` when every rank calls this (see :mod:`nullbooth.runs.distributed`).
     ``prompt_offset`` numbers the prompts from that global index (their seeds are ``seed + index``), so a
     run of the next prompts of a list can later be merged into one equal to a run of the whole list.
+    ``prompts``: what :func:`collection_inputs` returned for ``cfg``, when the caller checked the inputs before
+    loading ``pipe``.
     """
     dist = setup(distributed)
     try:
-        nb = cfg.nullbooth
-        prompts = read_prompt_file(nb.original_knowledge_prompts)
-        check_writable(Path(nb.cov_matrices_output_dir))
+        if prompts is None:
+            prompts = collection_inputs(cfg)
         if pipe is None:
             pipe = load_pipeline(cfg.pretrained_model_name_or_path, device=dist.model_device())
         if dist.is_main:
