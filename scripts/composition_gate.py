@@ -4,7 +4,7 @@
 Five shape × colour pairs of the world (``World.pairs("heldout")``: green circle, purple square, …) are never
 captioned in training. The gate draws ``n`` prompts of those pairs (cycling through them evenly) and ``n`` prompts
 of seen pairs, prompt ``i`` from generator seed ``seed + i``, and the judge reads each image's shape and
-colour (:func:`nullbooth.world.judge.shape_colour_match`). Gate: held-out shape *and* colour right in ≥ 95 % of
+colour (:func:`nullbooth.world.judge.shape_colour_flags`). Gate: held-out shape *and* colour right in ≥ 95 % of
 the images.
 
 Each rate comes with its 95 % Wilson score interval: 93 of 100 reads 86–97 %, so the default n is 500 (about ±2
@@ -43,11 +43,11 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _rates(judge, images: list[Image.Image], prompts: list[str]) -> dict:
-    from nullbooth.world.judge import shape_colour_match
+def _rates(flags: dict) -> dict:
+    from nullbooth.world.judge import shape_colour_rates
 
-    r = shape_colour_match(judge, images, prompts)
-    r["shape_and_colour_ci95"] = list(wilson_interval(round(r["shape_and_colour"] * r["n"]), r["n"]))
+    r = shape_colour_rates(flags)
+    r["shape_and_colour_ci95"] = list(wilson_interval(int(flags["shape_and_colour"].sum()), r["n"]))
     return r
 
 
@@ -55,6 +55,7 @@ def composition_gate(pipe, judge, n: int = 500, steps: int = 25, guidance: float
                      ) -> tuple[dict, list[Image.Image], list[Image.Image]]:
     """The gate's numbers, then the held-out and the seen-pair images (in prompt order)."""
     from nullbooth.sampling import sample
+    from nullbooth.world.judge import shape_colour_flags
     from nullbooth.world.scenes import heldout_prompts, prior_prompts
 
     heldout = heldout_prompts(n, seed=seed)
@@ -62,13 +63,13 @@ def composition_gate(pipe, judge, n: int = 500, steps: int = 25, guidance: float
     images = {name: sample(pipe, prompts, range(seed, seed + len(prompts)), steps=steps, guidance=guidance,
                            batch_size=50)
               for name, prompts in splits.items()}
-    result: dict = {name: _rates(judge, images[name], prompts) for name, prompts in splits.items()}
+    flags = {name: shape_colour_flags(judge, images[name], prompts) for name, prompts in splits.items()}
+    result: dict = {name: _rates(f) for name, f in flags.items()}
     pairs: dict[str, list[int]] = {}
     for k, (_, attrs) in enumerate(heldout):
         pairs.setdefault(f"{attrs.colour} {attrs.shape}", []).append(k)
-    result["heldout_per_pair"] = {
-        pair: _rates(judge, [images["heldout"][k] for k in ks], [splits["heldout"][k] for k in ks])["shape_and_colour"]
-        for pair, ks in pairs.items()}
+    result["heldout_per_pair"] = {pair: int(flags["heldout"]["shape_and_colour"][ks].sum()) / len(ks)
+                                  for pair, ks in pairs.items()}
     result.update(steps=steps, guidance=guidance, seed=seed, gate=GATE,
                   passed=bool(result["heldout"]["shape_and_colour"] >= GATE))
     return result, images["heldout"], images["train"]

@@ -591,14 +591,13 @@ def main(argv=None) -> int:
         save_grid(heldout[:50], tmp / "heldout_grid.png")
         save_grid(train[:50], tmp / "train_grid.png")
         gate["seconds"] = round(time.monotonic() - t0, 1)
-        info["quality_gate"] = gate
         (tmp / "composition_gate.json").write_text(json.dumps(gate, indent=2) + "\n")
         log.info("composition gate: %s", json.dumps(gate))
 
-        info["vae_gate"], grid = vae_gate(pipe.vae, judge)
+        vae_result, grid = vae_gate(pipe.vae, judge)
         grid.save(tmp / "vae_grid.png")
-        (tmp / "vae_gate.json").write_text(json.dumps(info["vae_gate"], indent=2) + "\n")
-        log.info("vae gate: %s", json.dumps(info["vae_gate"]))
+        (tmp / "vae_gate.json").write_text(json.dumps(vae_result, indent=2) + "\n")
+        log.info("vae gate: %s", json.dumps(vae_result))
     (tmp / WORLD_MODEL_MARKER).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)

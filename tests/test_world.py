@@ -285,10 +285,6 @@ def test_shipped_world_model_loads_with_plain_diffusers():
     out = pipe(["a red circle on the left"], num_inference_steps=2, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
-    gate = json.loads((folder / "nullbooth_world_model.json").read_text())["quality_gate"]
-    # Recorded 0.91 held-out and 0.97 seen; issue 15 asks ≥ 0.95 held-out, which this model misses.
-    assert gate["heldout"]["shape_and_colour"] >= 0.9 and gate["heldout"]["n"] == 100
-    assert gate["train"]["shape_and_colour"] >= 0.95
 
 
 def test_load_pipeline_auto_puts_the_model_on_the_available_device():
@@ -338,13 +334,13 @@ def test_shipped_world_model_draws_what_it_is_prompted():
     """A small re-measurement of the recorded gate with the shipped weights and the shipped judge.
 
     20 prompts of seen shape × colour pairs and 20 of held-out pairs (never captioned in training), at the gate's
-    settings. The recorded rates (100 prompts) are 0.97 and 0.91; with 20 samples a true rate of 0.91 falls below
-    0.7 with probability < 1 % (binomial).
+    settings. The recorded rates (``composition_gate.json``, 500 prompts each) are 0.98 and 0.942; with 20 samples a
+    true rate of 0.94 falls below 0.7 with probability < 1 % (binomial).
     """
     from nullbooth.models import load_pipeline
     from nullbooth.world.judge import load_judge
 
-    gate = json.loads((shipped_model() / "nullbooth_world_model.json").read_text())["quality_gate"]
+    gate = json.loads((shipped_model() / "composition_gate.json").read_text())
     pipe, judge = load_pipeline("tiny-sd"), load_judge()
     seen = _judged(pipe, judge, prior_prompts(20, seed=123), gate)
     held = _judged(pipe, judge, [p for p, _ in heldout_prompts(20, seed=123)], gate)

@@ -323,16 +323,26 @@ def load_judge(folder: str | Path | None = None) -> Judge:
     return Judge.load(JUDGE_DIR if folder is None else folder)
 
 
+def shape_colour_flags(judge: Judge, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per image ``i`` (drawn for prompt ``i``): are its judged shape, colour, and both, what the prompt states
+    (bool arrays)."""
+    judged = judge.predict(images)
+    want = [parse_prompt(p) for p in prompts]
+    shape = np.array([judged["shape"][i] == w["shape"] for i, w in enumerate(want)], dtype=bool)
+    colour = np.array([judged["colour"][i] == w["colour"] for i, w in enumerate(want)], dtype=bool)
+    return {"shape": shape, "colour": colour, "shape_and_colour": shape & colour}
+
+
+def shape_colour_rates(flags: dict[str, np.ndarray]) -> dict[str, float]:
+    """The fractions of :func:`shape_colour_flags`, with the image count ``n``."""
+    n = len(flags["shape"])
+    return {"n": n, **{name: int(f.sum()) / n for name, f in flags.items()}}
+
+
 def shape_colour_match(judge: Judge, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, float]:
     """The world model's quality gate: the fraction of images whose judged shape, colour, and both, are what
     prompt ``i`` states (image ``i`` was drawn for prompt ``i``)."""
-    judged = judge.predict(images)
-    want = [parse_prompt(p) for p in prompts]
-    shape = [judged["shape"][i] == w["shape"] for i, w in enumerate(want)]
-    colour = [judged["colour"][i] == w["colour"] for i, w in enumerate(want)]
-    n = len(want)
-    return {"n": n, "shape": sum(shape) / n, "colour": sum(colour) / n,
-            "shape_and_colour": sum(s and c for s, c in zip(shape, colour)) / n}
+    return shape_colour_rates(shape_colour_flags(judge, images, prompts))
 
 
 # --------------------------------------------------------------------------------- transformers extractors
