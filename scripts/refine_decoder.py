@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ RECORD = "decoder_refinement.json"
 
 def refine_decoder(vae, steps: int, batch: int = 8, lr: float = 2e-4, seed: int = 0) -> dict:
     """Train ``vae``'s decoder side in place for ``steps`` steps of ``batch`` fresh images; return the record."""
-    from train_world_model import vae_batch  # scripts/train_world_model.py, beside this script
+    from train_world_model import cosine_to_tenth, reconstruction_loss, vae_batch  # beside this script
 
     from nullbooth.world.scenes import World, WorldConfig
 
@@ -53,12 +52,12 @@ def refine_decoder(vae, steps: int, batch: int = 8, lr: float = 2e-4, seed: int 
     t0, recent = time.process_time(), []
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            g["lr"] = lr * cosine_to_tenth(step / steps)
         x = vae_batch(world, rng, batch, pattern_world)  # [B, 3, R, R] in [-1, 1]
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         x_hat = vae.decode(z).sample
-        loss = F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
+        loss = reconstruction_loss(x_hat, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -97,18 +96,18 @@ def main(argv=None) -> int:
         print(f"error: expected --steps and --batch ≥ 1, got {args.steps} and {args.batch}", file=sys.stderr)
         return 2
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     torch.set_num_threads(args.threads)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=torch.float32)
-    stored = load_file(args.model / "vae" / "diffusion_pytorch_model.safetensors")
-    dtype = next(iter(stored.values())).dtype  # save as stored (the shipped model: fp16)
+    with safe_open(args.model / "vae" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        dtype = f.get_tensor(next(iter(f.keys()))).dtype  # save as stored (the shipped model: fp16)
     record = {"source": str(args.model), **refine_decoder(vae, args.steps, args.batch, args.lr, args.seed)}
     log.info("refined: %s", json.dumps(record))
     tmp = args.out.with_name(args.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(args.model, tmp, ignore=shutil.ignore_patterns("vae", "vae_gate.json", "vae_grid.png",
-                                                                   "composition_gate.json", "*_grid.png"))
+    shutil.copytree(args.model, tmp, ignore=shutil.ignore_patterns("vae", "vae_gate.json", "composition_gate.json",
+                                                                   "*_grid.png"))
     vae.to(dtype).save_pretrained(tmp / "vae", safe_serialization=True)
     (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(args.out, ignore_errors=True)

@@ -106,6 +106,11 @@ class Stage:
         return step >= self.steps if self.steps is not None else self.clock.now() >= self.deadline
 
 
+def cosine_to_tenth(frac: float) -> float:
+    """The learning-rate factor of every stage: a cosine from 1 at ``frac`` = 0 down to 0.1 at ``frac`` = 1."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 # --------------------------------------------------------------------------------------------- stage 1: VAE
 
 
@@ -150,6 +155,11 @@ def subject_psnr(vae, seed: int, n_subjects: int = 40) -> dict:
             "psnr_min_db": float(values.min()), "images": int(len(values))}
 
 
+def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstruction term, L1 + MSE (per-pixel means)."""
+    return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
+
+
 def train_vae(vae, world: World, stage: Stage, args) -> dict:
     """Stage 1: L1 + MSE reconstruction plus ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) per latent element.
 
@@ -170,14 +180,14 @@ def train_vae(vae, world: World, stage: Stage, args) -> dict:
         frac = stage.fraction(step)
         full = frac >= 1.0 - args.vae_full_frac
         for g in opt.param_groups:  # cosine decay to 10 % over the stage
-            g["lr"] = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            g["lr"] = args.vae_lr * cosine_to_tenth(frac)
         crop = None if full else world.config.resolution // 2
         x = vae_batch(world, rng, args.vae_batch // (2 if full else 1), pattern_world, crop)  # [B, 3, S, S]
         x = x.contiguous(memory_format=torch.channels_last)
         post = vae.encode(x).latent_dist
         z = post.sample()  # [B, 4, S/f, S/f]
         x_hat = vae.decode(z).sample  # [B, 3, S, S]
-        rec = F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
+        rec = reconstruction_loss(x_hat, x)
         kl = post.kl().mean() / z[0].numel()
         loss = rec + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -357,7 +367,7 @@ def train_denoiser(pipe, world: World, means, stds, attrs, scale: float, clock: 
             text_frozen = True
             log.info("step %d: text encoder frozen", step)
         # Learning rate: linear warm-up, then cosine to 10 % by budget fraction.
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * cosine_to_tenth(frac)
         for g in opt.param_groups:
             g["lr"] = lr
 
