@@ -449,6 +449,17 @@ def mark_float32_default(folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------- main
 
 
+def with_vae_geometry(arch, vae_config, explicit: bool):
+    """``arch`` with the latent channels and VAE widths of a VAE taken from a saved model, so the UNet is built
+    for its latents; an explicit ``--latent-channels`` that disagrees with the VAE is refused."""
+    c = int(vae_config.latent_channels)
+    if explicit and c != arch.latent_channels:
+        raise SystemExit(f"error: --latent-channels {arch.latent_channels} does not match the --vae-from VAE, which "
+                         f"has {c} latent channels; drop --latent-channels or pass {c}")
+    widths = tuple(int(w) for w in vae_config.block_out_channels)
+    return replace(arch, latent_channels=c, vae_channels=widths, latent_size=64 // 2 ** (len(widths) - 1))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help=f"output diffusers folder (default {DEFAULT_OUT})")
@@ -484,6 +495,7 @@ def parse_args(argv=None):
     p.add_argument("--attention-levels", type=str, default=None,
                    help="UNet levels with cross-attention, e.g. 0,1 (default: nullbooth.models.WORLD_ARCH's)")
     p.add_argument("--vae-channels", type=str, default=None, help="e.g. 16,32,64,64 (latent = 64 / 2^(n−1))")
+    p.add_argument("--latent-channels", type=int, default=None, help="VAE latent channels (default: WORLD_ARCH's)")
     p.add_argument("--schedule", choices=("sd", "ddpm", "zero-snr"), default=None,
                    help="noise schedule (default: nullbooth.models.WORLD_ARCH's), see TinyArch.schedule")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -510,6 +522,10 @@ def parse_args(argv=None):
     if args.vae_channels:
         vae_ch = tuple(int(c) for c in args.vae_channels.split(","))
         arch = replace(arch, vae_channels=vae_ch, latent_size=64 // 2 ** (len(vae_ch) - 1))
+    if args.latent_channels is not None:
+        if args.latent_channels < 1:
+            p.error(f"--latent-channels must be at least 1, got {args.latent_channels}")
+        arch = replace(arch, latent_channels=args.latent_channels)
     if args.schedule:
         arch = replace(arch, schedule=args.schedule)
     args.arch = arch
@@ -535,8 +551,9 @@ def main(argv=None) -> int:
     elif args.vae_from is not None:
         from diffusers import AutoencoderKL
 
-        pipe = build_tiny_pipeline(arch)
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", dtype=torch.float32)
+        arch = args.arch = with_vae_geometry(arch, vae.config, explicit=args.latent_channels is not None)
+        pipe = build_tiny_pipeline(arch)
         pipe.register_modules(vae=vae)
         vae_info = {"vae_from": str(args.vae_from)}
     else:

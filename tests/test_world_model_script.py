@@ -5,6 +5,7 @@ so a recipe runs the same on a slower machine or under load; a time budget alone
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 
@@ -36,3 +37,25 @@ def test_step_budgets_end_each_stage_after_exactly_their_steps(script):
     assert [stage.fraction(k) for k in (0, 3)] == [0.0, 1.0]
     unet = script.train_denoiser(pipe, world, means, stds, attrs, 1.0, clock, stage, args)
     assert unet["steps"] == 3 and unet["samples_seen"] == 6
+
+
+def test_latent_channels_shape_the_vae_and_the_unet(script):
+    from nullbooth.models import build_tiny_pipeline
+
+    args = script.parse_args(["--smoke", "--latent-channels", "12"])
+    pipe = build_tiny_pipeline(args.arch)
+    assert pipe.vae.config.latent_channels == 12
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 12
+    with pytest.raises(SystemExit):
+        script.parse_args(["--smoke", "--latent-channels", "0"])
+
+
+def test_a_vae_taken_from_a_saved_model_sets_the_unets_latent_geometry(script):
+    from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
+
+    vae = build_tiny_pipeline(replace(WORLD_ARCH, latent_channels=16, vae_channels=(16, 32, 64, 64),
+                                      latent_size=8)).vae
+    arch = script.with_vae_geometry(WORLD_ARCH, vae.config, explicit=False)
+    assert (arch.latent_channels, arch.vae_channels, arch.latent_size) == (16, (16, 32, 64, 64), 8)
+    with pytest.raises(SystemExit, match="has 16 latent channels; drop --latent-channels or pass 16"):
+        script.with_vae_geometry(WORLD_ARCH, vae.config, explicit=True)  # WORLD_ARCH asks for 8
