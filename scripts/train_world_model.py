@@ -449,6 +449,11 @@ def mark_float32_default(folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------- main
 
 
+def with_vae_widths(arch, widths: tuple[int, ...]):
+    """``arch`` with VAE block widths ``widths``: each block after the first halves the 64-px side."""
+    return replace(arch, vae_channels=widths, latent_size=64 // 2 ** (len(widths) - 1))
+
+
 def with_vae_geometry(arch, vae_config, explicit: bool):
     """``arch`` with the latent channels and VAE widths of a VAE taken from a saved model, so the UNet is built
     for its latents; an explicit ``--latent-channels`` that disagrees with the VAE is refused."""
@@ -456,8 +461,7 @@ def with_vae_geometry(arch, vae_config, explicit: bool):
     if explicit and c != arch.latent_channels:
         raise SystemExit(f"error: --latent-channels {arch.latent_channels} does not match the --vae-from VAE, which "
                          f"has {c} latent channels; drop --latent-channels or pass {c}")
-    widths = tuple(int(w) for w in vae_config.block_out_channels)
-    return replace(arch, latent_channels=c, vae_channels=widths, latent_size=64 // 2 ** (len(widths) - 1))
+    return with_vae_widths(replace(arch, latent_channels=c), tuple(int(w) for w in vae_config.block_out_channels))
 
 
 def parse_args(argv=None):
@@ -520,8 +524,7 @@ def parse_args(argv=None):
     if args.attention_levels:
         arch = replace(arch, attention_levels=tuple(int(c) for c in args.attention_levels.split(",")))
     if args.vae_channels:
-        vae_ch = tuple(int(c) for c in args.vae_channels.split(","))
-        arch = replace(arch, vae_channels=vae_ch, latent_size=64 // 2 ** (len(vae_ch) - 1))
+        arch = with_vae_widths(arch, tuple(int(c) for c in args.vae_channels.split(",")))
     if args.latent_channels is not None:
         if args.latent_channels < 1:
             p.error(f"--latent-channels must be at least 1, got {args.latent_channels}")
