@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 log = logging.getLogger("refine_decoder")
 RECORD = "decoder_refinement.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # the VAE file read for its stored dtype, as train_world_model writes it
 
 
 def refine_decoder(vae, steps: int, batch: int = 8, lr: float = 2e-4, seed: int = 0) -> dict:
@@ -84,9 +85,11 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if not (args.model / "vae" / "config.json").is_file():
-        print(f"error: expected a diffusers model folder with vae/config.json at {args.model}, found none; "
-              "pass a folder written by scripts/train_world_model.py", file=sys.stderr)
+    missing = [f"vae/{name}" for name in ("config.json", WEIGHTS) if not (args.model / "vae" / name).is_file()]
+    if missing:
+        print(f"error: expected a diffusers model folder with vae/config.json and vae/{WEIGHTS} at {args.model}, "
+              f"{' and '.join(missing)} missing; pass a folder written by scripts/train_world_model.py",
+              file=sys.stderr)
         return 2
     if args.out.resolve() == args.model.resolve() or (args.out.exists() and not args.overwrite):
         print(f"error: expected a new output folder, got {args.out} (the source, or an existing folder); "
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=torch.float32)
-    with safe_open(args.model / "vae" / "diffusion_pytorch_model.safetensors", "pt") as f:
+    with safe_open(args.model / "vae" / WEIGHTS, "pt") as f:
         dtype = f.get_tensor(next(iter(f.keys()))).dtype  # save as stored (the shipped model: fp16)
     record = {"source": str(args.model), **refine_decoder(vae, args.steps, args.batch, args.lr, args.seed)}
     log.info("refined: %s", json.dumps(record))

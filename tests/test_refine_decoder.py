@@ -50,6 +50,11 @@ def test_refusals_name_the_problem_and_write_nothing(script, tmp_path, capsys):
     assert "expected a new output folder" in capsys.readouterr().err
     assert script.main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert "vae/config.json" in capsys.readouterr().err
+    (tmp_path / "bin" / "vae").mkdir(parents=True)  # a VAE saved without safetensors
+    (tmp_path / "bin" / "vae" / "config.json").write_text("{}")
+    assert script.main([str(tmp_path / "bin"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vae/diffusion_pytorch_model.safetensors missing" in err
     (tmp_path / "taken").mkdir()
     assert script.main([str(src), str(tmp_path / "taken")]) == 2
     assert "--overwrite" in capsys.readouterr().err
