@@ -7,9 +7,10 @@ subjects.
 
 It renders fresh ground-truth images (world renders, 30 % striped/dotted, and random subjects of a training
 family), trains every head with blur/noise/small colour-drift augmentation (``--max-shift N``: also translations by
-up to N pixels, off for the shipped judge), and records in ``judge.json`` the world accuracy on 2000 world renders
-of another seed (augmented and clean), the training time, and the open-palette errors on 2000 subjects of the
-held-out family ``subjects.HELDOUT_SEED``. Fails (exit 1) if a world attribute is below ``--min-accuracy`` or
+up to N pixels; ``--stem C``: a stride-1 first layer of width C on the full-resolution pixels; both off for the
+shipped judge), and records in ``judge.json`` the world accuracy on 2000 world renders of another seed (augmented
+and clean), the training time, and the open-palette errors on 2000 subjects of the held-out family
+``subjects.HELDOUT_SEED``. Fails (exit 1) if a world attribute is below ``--min-accuracy`` or
 held-out shape / pattern-kind accuracy is below ``--min-heldout``.
 """
 
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-shift", type=int, default=0, help="translate training images by up to this many pixels")
+    p.add_argument("--stem", type=int, default=0, help="width of a stride-1 conv on the full-resolution pixels (0: none)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training early after this long")
     p.add_argument("--min-accuracy", type=float, default=0.98)
     p.add_argument("--min-heldout", type=float, default=0.9)
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     judge, acc = train_judge(n_world=args.n_world, n_subjects=args.n_subjects, n_test=args.n_test,
                              epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
                              max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
-                             max_shift=args.max_shift)
+                             max_shift=args.max_shift, stem=args.stem)
     judge.config.training["cpu_seconds"] = round(time.process_time() - c0, 1)  # what the one-thread budget counts
     judge.save(args.out)
     size = (args.out / "judge.safetensors").stat().st_size / 1024

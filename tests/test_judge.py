@@ -76,6 +76,26 @@ def test_an_old_judge_without_open_palette_heads_loads_but_cannot_read(tmp_path)
         judge.read(subject_instances(1))
 
 
+def test_a_stem_judge_round_trips_and_older_judges_load_without_one(tmp_path):
+    from nullbooth.world.subjects import subject_instances
+
+    judge = Judge(JudgeConfig(widths=[8, 8, 8, 8], embed_dim=16, stem=4))
+    conv = judge.net.stem[0]
+    assert (conv.in_channels, conv.out_channels, conv.stride) == (3, 4, (1, 1))  # full resolution
+    images = subject_instances(3)
+    r = judge.read(images)
+    judge.save(tmp_path / "stem")
+    again = load_judge(tmp_path / "stem")
+    assert again.config.stem == 4
+    assert again.read(images).labels == r.labels
+    tiny().save(tmp_path / "before")  # a judge.json written before the stem existed has no "stem" key
+    cfg = tmp_path / "before" / "judge.json"
+    cfg.write_text(cfg.read_text().replace('"stem": 0,', ""))
+    assert '"stem"' not in cfg.read_text()
+    older = load_judge(tmp_path / "before")
+    assert older.config.stem == 0 and isinstance(older.net.stem, torch.nn.Identity)
+
+
 def test_angle_decoding_uses_the_kind_period():
     t = 2 * np.pi * np.array([0.25, 0.25, 0.25, 0.25])
     cs = np.stack([np.cos(t), np.sin(t)], 1)
@@ -153,10 +173,10 @@ def test_training_family_is_neither_the_suite_nor_the_heldout_family():
 
 
 def test_a_tiny_training_run_records_what_it_measured():
-    judge, acc = train_judge(n_world=96, n_subjects=96, n_test=64, epochs=1, batch=32, max_shift=1)
+    judge, acc = train_judge(n_world=96, n_subjects=96, n_test=64, epochs=1, batch=32, max_shift=1, stem=4)
     assert set(acc) == {"shape", "colour", "position", "size", "background", "pattern"}
     assert {"train_seconds", "render_seconds", "seed", "subject_family"} <= set(judge.config.training)
-    assert judge.config.training["max_shift"] == 1
+    assert judge.config.training["max_shift"] == 1 and judge.config.stem == 4
     assert judge.config.heldout["family"] == HELDOUT_SEED
     assert {"shape", "pattern_kind", "colour_error_median", "colour_error_p95", "period_error_median",
             "angle_error_median", "colour_error_p95_aug"} <= set(judge.config.heldout)

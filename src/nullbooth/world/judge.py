@@ -87,7 +87,9 @@ def _check_images(images: Sequence[Image.Image]) -> None:
 class JudgeNet(nn.Module):
     """Four stride-2 conv stages (64→4 pixels) → flatten → ``embed_dim`` embedding → one linear head per output
     (reading the embedding and the last two stages' spatial means), plus, with ``pooled``, the two colours of
-    :data:`POOLED_COLOURS` read off the pixels.
+    :data:`POOLED_COLOURS` read off the pixels. With ``stem`` > 0 a stride-1 conv of that width reads the full-resolution
+    pixels first: a stride-2 first layer sees a fine texture only at every other pixel, so a one-pixel move changes
+    what it reads (checks and dots on a small shape are told apart by corners one pixel wide).
 
     Flattening (not pooling) keeps *where* things are, which the position head needs. The colours are attention
     pools of the input's pixels ``x̄`` (2×2-averaged): with logits ``ℓ_k = Σ_stages up(W_s f_s)`` (local to global
@@ -99,10 +101,12 @@ class JudgeNet(nn.Module):
     """
 
     def __init__(self, heads: dict[str, int], widths: Sequence[int] = (32, 64, 96, 96), embed_dim: int = 160,
-                 resolution: int = 64, pooled: bool = False) -> None:
+                 resolution: int = 64, pooled: bool = False, stem: int = 0) -> None:
         super().__init__()
+        self.stem: nn.Module = (nn.Sequential(nn.Conv2d(3, stem, 3, padding=1), nn.GroupNorm(min(8, stem), stem),
+                                              nn.SiLU()) if stem else nn.Identity())
         layers: list[nn.Module] = []
-        c_in = 3
+        c_in = stem or 3
         for c in widths:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c), nn.SiLU()]
             c_in = c
@@ -120,7 +124,7 @@ class JudgeNet(nn.Module):
             nn.init.zeros_(self.extrapolate.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        stages, h = [], x
+        stages, h = [], self.stem(x)
         for k in range(0, len(self.features), 3):
             h = self.features[k + 2](self.features[k + 1](self.features[k](h)))
             stages.append(h)
@@ -146,6 +150,7 @@ class JudgeConfig:
     attributes: dict[str, list[str]] = field(default_factory=lambda: {n: list(v) for n, v in JUDGE_ATTRIBUTES.items()})
     regressions: dict[str, int] = field(default_factory=lambda: dict(JUDGE_REGRESSIONS))
     widths: list[int] = field(default_factory=lambda: [32, 64, 96, 96])
+    stem: int = 0  # width of the full-resolution stem (0: none; judges trained before it have none)
     embed_dim: int = 160
     resolution: int = 64
     accuracy: dict[str, float] = field(default_factory=dict)
@@ -213,7 +218,7 @@ class Judge:
         pooled = all(k in c.regressions for k in POOLED_COLOURS)
         heads = {**{k: len(v) for k, v in c.attributes.items()},
                  **{k: n for k, n in c.regressions.items() if not (pooled and k in POOLED_COLOURS)}}
-        self.net = net or JudgeNet(heads, c.widths, c.embed_dim, c.resolution, pooled)
+        self.net = net or JudgeNet(heads, c.widths, c.embed_dim, c.resolution, pooled, c.stem)
         self.net.eval()
 
     # -- tensors ------------------------------------------------------------------------------------------

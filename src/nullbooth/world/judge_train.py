@@ -309,7 +309,7 @@ def _concat(parts: list[tuple[np.ndarray, Targets]]) -> tuple[np.ndarray, Target
 
 def train_judge(n_world: int = 16000, n_subjects: int = 24000, n_test: int = 2000, epochs: int = 9,
                 batch: int = 128, lr: float = 3e-3, seed: int = 0, resolution: int = 64, pattern_frac: float = 0.3,
-                max_seconds: float | None = None, max_shift: int = 0) -> tuple[Judge, dict[str, float]]:
+                max_seconds: float | None = None, max_shift: int = 0, stem: int = 0) -> tuple[Judge, dict[str, float]]:
     """Train a judge on fresh renders; return it with its world accuracy on held-out world renders (augmented).
 
     ``judge.config.accuracy`` holds the world accuracies (augmented and ``_clean``), ``judge.config.training`` the
@@ -327,7 +327,7 @@ def train_judge(n_world: int = 16000, n_subjects: int = 24000, n_test: int = 200
     n = x_np.shape[0]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    judge = Judge(JudgeConfig(resolution=resolution))
+    judge = Judge(JudgeConfig(resolution=resolution, stem=stem))
     net = judge.net
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (n // batch)
