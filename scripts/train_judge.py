@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-accuracy", type=float, default=0.98)
     p.add_argument("--min-heldout", type=float, default=0.9)
     args = p.parse_args(argv)
+    if args.stem < 0 or args.max_shift < 0:
+        p.error(f"expected --stem and --max-shift ≥ 0, got {args.stem} and {args.max_shift}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     t0, c0 = time.monotonic(), time.process_time()

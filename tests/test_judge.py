@@ -193,3 +193,15 @@ def test_shipped_judge_reads_heldout_subjects():
     recorded = judge.config.heldout
     assert recorded["family"] == HELDOUT_SEED and recorded["n"] >= 1000 and recorded["pattern_kind"] >= 0.9
     assert judge.config.training["cpu_seconds"] <= 30 * 60
+
+
+@pytest.mark.parametrize("flag", ["--stem", "--max-shift"])
+def test_the_training_script_refuses_a_negative_stem_or_shift_before_rendering(scripts_importable, flag, tmp_path,
+                                                                                 capsys):
+    import train_judge as script
+
+    with pytest.raises(SystemExit) as exit_:
+        script.main([flag, "-1", "--out", str(tmp_path / "j")])
+    assert exit_.value.code == 2
+    assert "expected --stem and --max-shift ≥ 0" in capsys.readouterr().err
+    assert not (tmp_path / "j").exists()
