@@ -90,7 +90,7 @@ class JudgeNet(nn.Module):
     :data:`POOLED_COLOURS` read off the pixels. With ``stem`` > 0 a stride-1 conv of that width reads the
     full-resolution pixels first: a stride-2 first layer sees a fine texture only at every other pixel, so a one-pixel
     move changes what it reads (measured, ``judge_stem`` in ``benchmarks/results/vae_probe.json``: with a stem the
-    judge stops reading small checks as dots, and a 1-px move flips 1.5 % of its pattern readings instead of 5.3 %).
+    judge no longer reads the VAE gate's checks as dots, and a 1-px move flips 1.5 % of its pattern readings instead of 5.3 %).
 
     Flattening (not pooling) keeps *where* things are, which the position head needs. The colours are attention
     pools of the input's pixels ``x̄`` (2×2-averaged): with logits ``ℓ_k = Σ_stages up(W_s f_s)`` (local to global
