@@ -31,7 +31,8 @@ import torch.nn.functional as F  # noqa: E402
 
 log = logging.getLogger("refine_decoder")
 RECORD = "decoder_refinement.json"
-WEIGHTS = "diffusion_pytorch_model.safetensors"  # the VAE file read for its stored dtype, as train_world_model writes it
+# diffusers' SAFETENSORS_WEIGHTS_NAME, spelled out so a refusal needs no diffusers import; read for the stored dtype
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def refine_decoder(vae, steps: int, batch: int = 8, lr: float = 2e-4, seed: int = 0) -> dict:

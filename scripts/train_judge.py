@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-shift", type=int, default=0, help="translate training images by up to this many pixels")
-    p.add_argument("--stem", type=int, default=0, help="width of a stride-1 conv on the full-resolution pixels (0: none)")
+    p.add_argument("--stem", type=int, default=0,
+                   help="width of a stride-1 conv on the full-resolution pixels (0: none)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training early after this long")
     p.add_argument("--min-accuracy", type=float, default=0.98)
     p.add_argument("--min-heldout", type=float, default=0.9)

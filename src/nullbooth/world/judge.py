@@ -84,13 +84,19 @@ def _check_images(images: Sequence[Image.Image]) -> None:
 # ----------------------------------------------------------------------------------------------- network
 
 
+def _conv_norm_act(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    """3×3 conv → GroupNorm (at most 8 groups) → SiLU, as a flat list (the stages' state-dict keys index it)."""
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU()]
+
+
 class JudgeNet(nn.Module):
     """Four stride-2 conv stages (64→4 pixels) → flatten → ``embed_dim`` embedding → one linear head per output
     (reading the embedding and the last two stages' spatial means), plus, with ``pooled``, the two colours of
     :data:`POOLED_COLOURS` read off the pixels. With ``stem`` > 0 a stride-1 conv of that width reads the
     full-resolution pixels first: a stride-2 first layer sees a fine texture only at every other pixel, so a one-pixel
     move changes what it reads (measured, ``judge_stem`` in ``benchmarks/results/vae_probe.json``: with a stem the
-    judge no longer reads the VAE gate's checks as dots, and a 1-px move flips 1.5 % of its pattern readings instead of 5.3 %).
+    judge no longer reads the VAE gate's checks as dots, and a 1-px move flips 1.5 % of its pattern readings instead
+    of 5.3 %).
 
     Flattening (not pooling) keeps *where* things are, which the position head needs. The colours are attention
     pools of the input's pixels ``x̄`` (2×2-averaged): with logits ``ℓ_k = Σ_stages up(W_s f_s)`` (local to global
@@ -104,12 +110,11 @@ class JudgeNet(nn.Module):
     def __init__(self, heads: dict[str, int], widths: Sequence[int] = (32, 64, 96, 96), embed_dim: int = 160,
                  resolution: int = 64, pooled: bool = False, stem: int = 0) -> None:
         super().__init__()
-        self.stem: nn.Module = (nn.Sequential(nn.Conv2d(3, stem, 3, padding=1), nn.GroupNorm(min(8, stem), stem),
-                                              nn.SiLU()) if stem else nn.Identity())
+        self.stem: nn.Module = nn.Sequential(*_conv_norm_act(3, stem, stride=1)) if stem else nn.Identity()
         layers: list[nn.Module] = []
         c_in = stem or 3
         for c in widths:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c), nn.SiLU()]
+            layers += _conv_norm_act(c_in, c, stride=2)
             c_in = c
         self.features = nn.Sequential(*layers)
         side = resolution // 2 ** len(widths)
