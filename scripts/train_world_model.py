@@ -7,7 +7,8 @@ in three stages inside one time budget (CPU time of this process by default, see
 
 1. VAE: reconstruction (L1 + MSE) with a small KL term, a general-purpose codec: 30 % world images (half of
    them striped or dotted), 70 % the broad distribution of :mod:`nullbooth.world.broad` (any colour, texture,
-   shape, outlines, several objects), so any subject is encodable although the base world never shows it.
+   shape, outlines, several objects), so any subject is encodable although the base world never shows it; half-size
+   crops first (``--vae-crops objects`` centres a broad image's crop on one of its objects), full images last.
 2. Latents: a fixed set of world images — and, with ``--n-objects``, captioned objects of the whole space
    (:mod:`nullbooth.world.objects`: any shape, colour and pattern, worded with the nearest palette name) — is
    encoded once (posterior mean and std); each latent channel is standardised by folding the affine map into the
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 
 from nullbooth.filenames import WORLD_MODEL_MARKER
 from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
-from nullbooth.world.broad import broad_image
+from nullbooth.world.broad import broad_scene
 from nullbooth.world.objects import OBJECT_SEED, object_arrays
 from nullbooth.world.scenes import World, WorldConfig
 from nullbooth.world.subjects import HELDOUT_SEED, random_subject, subject_instances, write_prompt_lists
@@ -115,12 +116,13 @@ def cosine_to_tenth(frac: float) -> float:
 
 
 def vae_batch(world: World, rng: np.random.Generator, n: int, pattern_world: World,
-              crop: int | None = None) -> torch.Tensor:
+              crop: int | None = None, crops_at: str = "anywhere") -> torch.Tensor:
     """``n`` fresh images in [-1, 1], ``[n, 3, S, S]``: ``WORLD_SHARE`` world renders (half of them striped or
     dotted), the rest from the broad distribution (:mod:`nullbooth.world.broad`: any colour, texture and shape).
 
-    With ``crop``, each image is cut to ``crop × crop`` (around the shape for world renders, anywhere for broad
-    images), so the expensive full-resolution decoder layers train on the informative part at a fraction of the cost.
+    With ``crop``, each image is cut to ``crop × crop`` around its shape (world renders) or, for broad images, around
+    one of its objects (``crops_at="objects"``) or anywhere (``"anywhere"``), so the expensive full-resolution
+    decoder layers train on the informative part at a fraction of the cost.
     """
     imgs = []
     res = world.config.resolution
@@ -131,8 +133,13 @@ def vae_batch(world: World, rng: np.random.Generator, n: int, pattern_world: Wor
             a = np.asarray(w.render(attrs), dtype=np.float32)
             centre = (round(attrs.cx), round(attrs.cy))
         else:
-            a = broad_image(rng, res).astype(np.float32)
-            centre = tuple(int(v) for v in rng.integers(0, res, size=2))
+            a, centres = broad_scene(rng, res)
+            a = a.astype(np.float32)
+            if crops_at == "objects":
+                cx, cy = centres[int(rng.integers(len(centres)))]
+                centre = (round(cx), round(cy))
+            else:
+                centre = tuple(int(v) for v in rng.integers(0, res, size=2))
         if crop is not None:
             jx, jy = rng.integers(-crop // 4, crop // 4 + 1, size=2)
             x0 = int(np.clip(centre[0] - crop // 2 + jx, 0, res - crop))
@@ -182,7 +189,8 @@ def train_vae(vae, world: World, stage: Stage, args) -> dict:
         for g in opt.param_groups:  # cosine decay to 10 % over the stage
             g["lr"] = args.vae_lr * cosine_to_tenth(frac)
         crop = None if full else world.config.resolution // 2
-        x = vae_batch(world, rng, args.vae_batch // (2 if full else 1), pattern_world, crop)  # [B, 3, S, S]
+        n = args.vae_batch // (2 if full else 1)
+        x = vae_batch(world, rng, n, pattern_world, crop, args.vae_crops)  # [B, 3, S, S]
         x = x.contiguous(memory_format=torch.channels_last)
         post = vae.encode(x).latent_dist
         z = post.sample()  # [B, 4, S/f, S/f]
@@ -479,6 +487,8 @@ def parse_args(argv=None):
     p.add_argument("--unet-steps", type=int, default=None,
                    help="end the UNet stage after this many steps instead of at the end of the time budget")
     p.add_argument("--vae-batch", type=int, default=32, help="crops per VAE step (half as many full images)")
+    p.add_argument("--vae-crops", choices=("objects", "anywhere"), default="anywhere",
+                   help="where the VAE's crops of broad images are centred: on one of their objects or anywhere")
     p.add_argument("--vae-full-frac", type=float, default=0.4, help="last fraction of the VAE stage on full images")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)

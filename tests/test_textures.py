@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from nullbooth.errors import NullBoothError
-from nullbooth.world.broad import broad_images
+from nullbooth.world.broad import broad_image, broad_images, broad_scene
 from nullbooth.world.scenes import BACKGROUNDS
 from nullbooth.world.subjects import (
     HELDOUT_SEED,
@@ -143,3 +143,23 @@ def test_broad_images_are_deterministic_and_colourful():
     colours = {tuple(c) for c in a.reshape(-1, 3)[::7]}
     assert len(colours) > 500  # far beyond the world's 6 + 4 + 3 colours
     Image.fromarray(a[0])  # a valid image
+
+
+def test_broad_scene_centres_locate_its_objects():
+    """Each centre lies in the frame and a window around it shows an object: on a flat background some pixel there
+    differs from the background (a ring's centre is a hole and an outline's inside is background, hence a window)."""
+    flat = 0
+    for i in range(40):
+        image, centres = broad_scene(np.random.default_rng([5, i]))
+        assert np.array_equal(image, broad_image(np.random.default_rng([5, i])))
+        assert 1 <= len(centres) <= 3
+        corner = image[0, 0].astype(int)
+        if not (image.reshape(-1, 3)[::97] == image[0, 0]).all(axis=1).mean() > 0.6:
+            continue  # a textured background: no single background colour to compare with
+        flat += 1
+        for cx, cy in centres:
+            assert 0 <= cx < 64 and 0 <= cy < 64
+            x, y = round(cx), round(cy)
+            window = image[max(y - 12, 0):y + 12, max(x - 12, 0):x + 12].astype(int)
+            assert np.abs(window - corner).sum(-1).max() > 30, (i, cx, cy)
+    assert flat >= 20

@@ -30,8 +30,10 @@ def random_texture(rng: np.random.Generator, side: int) -> Texture:
                    float(rng.uniform(0.0, 180.0)), seed=int(rng.integers(2**31)))
 
 
-def broad_image(rng: np.random.Generator, resolution: int = 64, supersample: int = 2) -> np.ndarray:
-    """One image of the broad distribution, uint8 ``[resolution, resolution, 3]``, anti-aliased by supersampling."""
+def broad_scene(rng: np.random.Generator, resolution: int = 64,
+                supersample: int = 2) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """One image of the broad distribution, uint8 ``[resolution, resolution, 3]``, anti-aliased by supersampling,
+    and the centre ``(x, y)`` of each of its objects in pixels of that image (what a crop can be centred on)."""
     side = resolution * supersample
     u = rng.random()
     if u < 0.5:
@@ -40,6 +42,7 @@ def broad_image(rng: np.random.Generator, resolution: int = 64, supersample: int
         canvas = Image.new("RGB", (side, side), _rgb(rng))
     else:
         canvas = Image.fromarray(render_texture(random_texture(rng, side), side))
+    centres = []
     for _ in range(int(rng.choice([1, 1, 1, 2, 2, 3]))):
         cx, cy = rng.uniform(0.12, 0.88, size=2) * side
         r = float(rng.uniform(*RADIUS_RANGE)) * side
@@ -47,7 +50,13 @@ def broad_image(rng: np.random.Generator, resolution: int = 64, supersample: int
         mask = shape_mask(str(rng.choice(ALL_SHAPES)), side, float(cx), float(cy), r, float(rng.uniform(0, 360)), width)
         fill = render_texture(random_texture(rng, side), side, center=(float(cx), float(cy)), radius=r)
         canvas.paste(Image.fromarray(fill), (0, 0), mask)
-    return np.asarray(canvas.resize((resolution, resolution), Image.Resampling.BOX))
+        centres.append((float(cx) / supersample, float(cy) / supersample))
+    return np.asarray(canvas.resize((resolution, resolution), Image.Resampling.BOX)), centres
+
+
+def broad_image(rng: np.random.Generator, resolution: int = 64, supersample: int = 2) -> np.ndarray:
+    """One image of the broad distribution (:func:`broad_scene` without its object centres)."""
+    return broad_scene(rng, resolution, supersample)[0]
 
 
 def broad_images(n: int, seed: int, start: int = 0, resolution: int = 64) -> np.ndarray:
