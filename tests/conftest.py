@@ -7,6 +7,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# As the CLI sets it (nullbooth.cli.main): MKL results that depend on the inputs only, not on memory alignment.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from pathlib import Path  # noqa: E402
 

@@ -14,6 +14,11 @@ import warnings
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # diffusers resets its root logger's level when first imported, after main() has set it.
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# On AVX-512 CPUs MKL picks kernels by the memory alignment of their operands, so the same computation can round
+# differently from one process to the next (seen: 1.7e-6 on latents of magnitude 7, and a resumed run no longer
+# equal to a straight one). Strict conditional numerical reproducibility makes results depend on the inputs only;
+# it is read when MKL first runs, hence before torch loads. Set MKL_CBWR yourself to choose otherwise.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from nullbooth.cli import collect, evaluate, generate, inspect, train, visualize  # noqa: E402
 from nullbooth.errors import NullBoothError  # noqa: E402
