@@ -63,7 +63,7 @@ def test_a_vae_taken_from_a_saved_model_sets_the_unets_latent_geometry(script):
 
 def test_vae_crops_of_broad_images_centre_on_their_objects(script, monkeypatch):
     """``crops_at="objects"`` cuts each broad image's crop around one of its objects (jitter ≤ a quarter crop);
-    ``"anywhere"`` ignores them. World renders are kept out so that every image of the batch is a broad one."""
+    ``"anywhere"`` (the default) does not. World renders are kept out so that every image is a broad one."""
     import numpy as np
 
     monkeypatch.setattr(script, "WORLD_SHARE", 0.0)
@@ -71,16 +71,24 @@ def test_vae_crops_of_broad_images_centre_on_their_objects(script, monkeypatch):
     real = script.broad_scene
     monkeypatch.setattr(script, "broad_scene", lambda rng, res: drawn.append(real(rng, res)) or drawn[-1])
     world = World(WorldConfig(resolution=64))
-    x = script.vae_batch(world, np.random.default_rng(0), 16, world, crop=32, crops_at="objects")
-    assert x.shape == (16, 3, 32, 32) and len(drawn) == 16
+
     def reachable(start: int, c: float) -> bool:  # x0 = clip(round(c) − 16 + jitter, 0, 32), |jitter| ≤ 8
         return any(min(max(round(c) - 16 + j, 0), 32) == start for j in range(-8, 9))
 
-    for crop, (image, centres) in zip(x, drawn):
-        pixels = np.rint((crop.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
-        hits = [(y0, x0) for y0 in range(33) for x0 in range(33)
-                if np.array_equal(image[y0:y0 + 32, x0:x0 + 32], pixels)]
-        assert any(reachable(x0, cx) and reachable(y0, cy) for y0, x0 in hits for cx, cy in centres)
+    def on_objects(crops_at: str) -> list[bool]:
+        drawn.clear()
+        x = script.vae_batch(world, np.random.default_rng(0), 16, world, crop=32, crops_at=crops_at)
+        assert x.shape == (16, 3, 32, 32) and len(drawn) == 16
+        flags = []
+        for crop, (image, centres) in zip(x, drawn):
+            pixels = np.rint((crop.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+            hits = [(y0, x0) for y0 in range(33) for x0 in range(33)
+                    if np.array_equal(image[y0:y0 + 32, x0:x0 + 32], pixels)]
+            flags.append(any(reachable(x0, cx) and reachable(y0, cy) for y0, x0 in hits for cx, cy in centres))
+        return flags
+
+    assert all(on_objects("objects"))
+    assert not all(on_objects("anywhere"))
     assert script.parse_args(["--smoke"]).vae_crops == "anywhere"
     with pytest.raises(SystemExit):
         script.parse_args(["--smoke", "--vae-crops", "edges"])
