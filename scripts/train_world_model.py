@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Train the shipped base model ``tiny-sd`` from scratch on the shapes world (``nullbooth.world.scenes``).
+"""Train the base model ``tiny-sd`` from scratch on the shapes world (``nullbooth.world.scenes``).
 
 A Stable-Diffusion-architecture pipeline (AutoencoderKL, UNet2DConditionModel with cross-attention,
 CLIPTextModel with the real CLIP tokenizer) built by ``nullbooth.models.build_tiny_pipeline`` and trained
-in three stages inside one time budget (CPU time of this process by default, see ``Clock``):
+in three stages, each to a step budget (``RECIPE_STEPS``: the same model on any machine and under any load;
+``--vae-steps 0`` / ``--unet-steps 0`` end a stage by the time budget ``--minutes`` instead, see ``Clock``):
 
 1. VAE: reconstruction (L1 + MSE) with a small KL term, a general-purpose codec: 30 % world images (half of
    them striped or dotted), 70 % the broad distribution of :mod:`nullbooth.world.broad` (any colour, texture,
@@ -26,9 +27,10 @@ the composition gate with the judge (``scripts/composition_gate.py``: ``composit
 the fraction of generations for held-out shape × colour prompts whose shape and colour the judge reads as
 prompted.
 
-    python scripts/train_world_model.py                          # the shipped model (≈ 82 min on 1 CPU thread)
-    python scripts/train_world_model.py --smoke                  # 1-minute end-to-end check
-    python scripts/train_world_model.py --vae-steps 4238 --unet-steps 9783   # its step counts, on any machine
+    python scripts/train_world_model.py             # the default recipe (72.5 CPU-min on one thread where measured)
+    python scripts/train_world_model.py --smoke     # 1-minute end-to-end check (timed stages)
+    python scripts/train_world_model.py --vae-steps 0 --unet-steps 0 --vae-batch 32 --vae-crops anywhere \
+        --minutes 82                                # the recipe of the shipped tiny-sd (timed stages)
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ from nullbooth.world.subjects import HELDOUT_SEED, random_subject, subject_insta
 
 log = logging.getLogger("train_world_model")
 WORLD_SHARE = 0.3  # of the VAE's images; the rest are broad images
+# The default recipe's step budgets (benchmarks/results/rebuild_objcrop): the same model on any machine and load.
+RECIPE_STEPS = {"vae": 15200, "unet": 9783}
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "nullbooth" / "data" / "models" / "tiny-sd"
@@ -90,9 +94,9 @@ class Stage:
     """Where a training stage ends and how far along it is: after ``steps`` optimizer steps when given, else at
     ``deadline`` on the clock. ``fraction(step)`` drives the stage's schedules (learning rate, crops → full images).
 
-    A time budget buys fewer steps on a slower machine (the shipped VAE stage: 4,238 steps in 22 CPU-minutes where
-    it was trained, about 2,100 on a machine half as fast), so recipes are compared, and a model re-made elsewhere,
-    with step budgets: the same steps and schedules on any machine, and under any load.
+    A time budget buys fewer steps on a slower machine (the previous model's VAE stage: 4,238 steps in 22 CPU-minutes
+    where it was trained, about 2,100 on a machine half as fast), so the default recipe, and recipes compared, use step
+    budgets: the same steps and schedules on any machine, and under any load.
     """
 
     def __init__(self, clock: Clock, deadline: float, steps: int | None = None) -> None:
@@ -475,7 +479,8 @@ def with_vae_geometry(arch, vae_config, explicit: bool):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help=f"output diffusers folder (default {DEFAULT_OUT})")
-    p.add_argument("--minutes", type=float, default=82.0, help="training budget in minutes of --clock time (evaluation excluded)")
+    p.add_argument("--minutes", type=float, default=90.0,
+                   help="time budget in minutes of --clock time for stages given 0 steps (evaluation excluded)")
     p.add_argument("--smoke", action="store_true", help="tiny end-to-end run (~1 min) into outputs/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -483,11 +488,11 @@ def parse_args(argv=None):
                    help="budget in CPU time of this process (robust to other load) or wall-clock time")
     p.add_argument("--vae-frac", type=float, default=0.27, help="fraction of the budget for the VAE")
     p.add_argument("--vae-steps", type=int, default=None,
-                   help="end the VAE stage after this many steps instead of its share of the time budget")
+                   help=f"VAE optimizer steps (default {RECIPE_STEPS['vae']}; 0: its share of --minutes instead)")
     p.add_argument("--unet-steps", type=int, default=None,
-                   help="end the UNet stage after this many steps instead of at the end of the time budget")
-    p.add_argument("--vae-batch", type=int, default=32, help="crops per VAE step (half as many full images)")
-    p.add_argument("--vae-crops", choices=("objects", "anywhere"), default="anywhere",
+                   help=f"UNet optimizer steps (default {RECIPE_STEPS['unet']}; 0: the rest of --minutes instead)")
+    p.add_argument("--vae-batch", type=int, default=8, help="crops per VAE step (half as many full images)")
+    p.add_argument("--vae-crops", choices=("objects", "anywhere"), default="objects",
                    help="where the VAE's crops of broad images are centred: on one of their objects or anywhere")
     p.add_argument("--vae-full-frac", type=float, default=0.4, help="last fraction of the VAE stage on full images")
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -518,6 +523,12 @@ def parse_args(argv=None):
     p.add_argument("--vae-from", type=Path, default=None, help="take the VAE of this saved model (skip stage 1)")
     p.add_argument("--init", type=Path, default=None, help="resume from a saved folder: skip the VAE stage")
     args = p.parse_args(argv)
+    for stage, steps in RECIPE_STEPS.items():  # a smoke run is timed; any other counts steps unless told 0
+        given = getattr(args, f"{stage}_steps")
+        if given is None:
+            setattr(args, f"{stage}_steps", 0 if args.smoke else steps)
+        elif given < 0:
+            p.error(f"expected --{stage}-steps ≥ 0, got {given}")
     if args.smoke:
         args.minutes = min(args.minutes, 1.0)
         args.n_images = min(args.n_images, 256)
@@ -571,8 +582,9 @@ def main(argv=None) -> int:
         vae_info = {"vae_from": str(args.vae_from)}
     else:
         pipe = build_tiny_pipeline(arch)
-        log.info("stage 1: VAE for %.1f min", args.vae_frac * args.minutes)
-        vae_info = train_vae(pipe.vae, world, Stage(clock, clock.deadline(args.vae_frac), args.vae_steps), args)
+        log.info("stage 1: VAE for %s",
+                 f"{args.vae_steps} steps" if args.vae_steps else f"{args.vae_frac * args.minutes:.1f} min")
+        vae_info = train_vae(pipe.vae, world, Stage(clock, clock.deadline(args.vae_frac), args.vae_steps or None), args)
         log.info("vae: %s", vae_info)
     pipe.vae.requires_grad_(False)
 
@@ -590,7 +602,7 @@ def main(argv=None) -> int:
 
     log.info("stage 3: UNet + text encoder until the budget ends")
     den_info = train_denoiser(pipe, world, means, stds, attrs, scale, clock,
-                              Stage(clock, clock.t0 + clock.total, args.unet_steps), args)
+                              Stage(clock, clock.t0 + clock.total, args.unet_steps or None), args)
     train_seconds, wall_seconds = clock.elapsed(), time.monotonic() - wall0
     log.info("denoiser: %s; training took %.1f %s-min (%.1f wall-min)", den_info, train_seconds / 60,
              clock.kind, wall_seconds / 60)

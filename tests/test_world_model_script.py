@@ -89,6 +89,18 @@ def test_vae_crops_of_broad_images_centre_on_their_objects(script, monkeypatch):
 
     assert all(on_objects("objects"))
     assert not all(on_objects("anywhere"))
-    assert script.parse_args(["--smoke"]).vae_crops == "anywhere"
+    assert script.parse_args([]).vae_crops == "objects"
     with pytest.raises(SystemExit):
         script.parse_args(["--smoke", "--vae-crops", "edges"])
+
+
+def test_the_default_recipe_counts_steps_and_a_smoke_run_is_timed(script):
+    default = script.parse_args([])
+    assert (default.vae_steps, default.unet_steps) == (script.RECIPE_STEPS["vae"], script.RECIPE_STEPS["unet"])
+    assert (default.vae_batch, default.vae_crops, default.vae_full_frac) == (8, "objects", 0.4)
+    smoke = script.parse_args(["--smoke"])
+    assert (smoke.vae_steps, smoke.unet_steps, smoke.minutes) == (0, 0, 1.0)
+    assert script.parse_args(["--smoke", "--vae-steps", "5"]).vae_steps == 5
+    for flag in ("--vae-steps", "--unet-steps"):
+        with pytest.raises(SystemExit):
+            script.parse_args([flag, "-1"])
