@@ -91,8 +91,8 @@ class Clock:
 
 
 class Stage:
-    """Where a training stage ends and how far along it is: after ``steps`` optimizer steps when given, else at
-    ``deadline`` on the clock. ``fraction(step)`` drives the stage's schedules (learning rate, crops → full images).
+    """Where a training stage ends and how far along it is: after ``steps`` optimizer steps when given (not 0), else
+    at ``deadline`` on the clock. ``fraction(step)`` drives the stage's schedules (learning rate, crops → full images).
 
     A time budget buys fewer steps on a slower machine (the previous model's VAE stage: 4,238 steps in 22 CPU-minutes
     where it was trained, about 2,100 on a machine half as fast), so the default recipe, and recipes compared, use step
@@ -100,7 +100,7 @@ class Stage:
     """
 
     def __init__(self, clock: Clock, deadline: float, steps: int | None = None) -> None:
-        self.clock, self.start, self.deadline, self.steps = clock, clock.now(), deadline, steps
+        self.clock, self.start, self.deadline, self.steps = clock, clock.now(), deadline, steps or None
 
     def fraction(self, step: int) -> float:
         if self.steps is not None:
@@ -584,7 +584,7 @@ def main(argv=None) -> int:
         pipe = build_tiny_pipeline(arch)
         log.info("stage 1: VAE for %s",
                  f"{args.vae_steps} steps" if args.vae_steps else f"{args.vae_frac * args.minutes:.1f} min")
-        vae_info = train_vae(pipe.vae, world, Stage(clock, clock.deadline(args.vae_frac), args.vae_steps or None), args)
+        vae_info = train_vae(pipe.vae, world, Stage(clock, clock.deadline(args.vae_frac), args.vae_steps), args)
         log.info("vae: %s", vae_info)
     pipe.vae.requires_grad_(False)
 
@@ -602,7 +602,7 @@ def main(argv=None) -> int:
 
     log.info("stage 3: UNet + text encoder until the budget ends")
     den_info = train_denoiser(pipe, world, means, stds, attrs, scale, clock,
-                              Stage(clock, clock.t0 + clock.total, args.unet_steps or None), args)
+                              Stage(clock, clock.t0 + clock.total, args.unet_steps), args)
     train_seconds, wall_seconds = clock.elapsed(), time.monotonic() - wall0
     log.info("denoiser: %s; training took %.1f %s-min (%.1f wall-min)", den_info, train_seconds / 60,
              clock.kind, wall_seconds / 60)

@@ -29,6 +29,7 @@ def test_step_budgets_end_each_stage_after_exactly_their_steps(script):
     world = World(WorldConfig(resolution=64))
     clock = script.Clock(args.minutes)
     assert script.Stage(clock, clock.deadline(1.0)).done(0)  # the time budget alone: over before it starts
+    assert script.Stage(clock, clock.deadline(1.0), 0).done(0)  # 0 steps: timed too
     vae = script.train_vae(pipe.vae, world, script.Stage(clock, clock.deadline(1.0), args.vae_steps), args)
     assert vae["steps"] == 2
     assert all(p.is_contiguous() for p in pipe.vae.parameters())  # trained channels-last, saved as stored
@@ -63,7 +64,7 @@ def test_a_vae_taken_from_a_saved_model_sets_the_unets_latent_geometry(script):
 
 def test_vae_crops_of_broad_images_centre_on_their_objects(script, monkeypatch):
     """``crops_at="objects"`` cuts each broad image's crop around one of its objects (jitter ≤ a quarter crop);
-    ``"anywhere"`` (the default) does not. World renders are kept out so that every image is a broad one."""
+    ``"anywhere"`` does not; the default is ``"objects"``. World renders are kept out so that every image is a broad one."""
     import numpy as np
 
     monkeypatch.setattr(script, "WORLD_SHARE", 0.0)
