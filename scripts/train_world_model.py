@@ -12,8 +12,8 @@ in three stages, each to a step budget (``RECIPE_STEPS``: the same model on any 
    crops first (``--vae-crops objects`` centres a broad image's crop on one of its objects), full images last.
 2. Latents: a fixed set of world images — and, with ``--n-objects``, captioned objects of the whole space
    (:mod:`nullbooth.world.objects`: any shape, colour and pattern, worded with the nearest palette name) — is
-   encoded once (posterior mean and std); each latent channel is standardised by folding the affine map into the
-   VAE's 1×1 convolutions (``scaling_factor`` = 1).
+   encoded once (posterior mean and std); each latent channel is standardised (``--latent-scale global``: centred,
+   all divided by one scale) by folding the affine map into the VAE's 1×1 convolutions (``scaling_factor`` = 1).
 3. UNet + text encoder: the denoising loss ``E_{t, z0, ε} ‖target − f_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, τ_θ(y))‖²``
    with the scheduler's target — ε with Min-SNR-γ weights (Hang et al. 2023) for the shipped SD schedule,
    v = √ᾱ_t ε − √(1−ᾱ_t) z0 for ``--schedule zero-snr`` (Salimans & Ho 2022; Lin et al. 2024) —, 10 % caption
@@ -250,6 +250,17 @@ def training_latents(vae, world: World, n_images: int, n_objects: int, seed: int
     if n_objects:
         parts.append(encode_images(vae, lambda m, start: object_arrays(world, m, OBJECT_SEED + seed, start), n_objects))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), [a for p in parts for a in p[2]]
+
+
+def latent_standardisation(means: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift ``m`` and divisor ``s`` per channel (``[C]`` each) for :func:`standardise_latents` from posterior
+    means ``[N, C, h, w]``: every channel centred, then scaled to unit variance (``"channel"``) or all divided by
+    one scale, their pooled standard deviation (``"global"``, SD's single ``scaling_factor``: quiet channels stay
+    quiet in the denoising loss)."""
+    m, s = means.mean(dim=(0, 2, 3)), means.std(dim=(0, 2, 3))
+    if scale == "global":
+        s = s.pow(2).mean().sqrt().expand_as(s).clone()
+    return m, s
 
 
 @torch.no_grad()
@@ -497,6 +508,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-full-frac", type=float, default=0.4, help="last fraction of the VAE stage on full images")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--latent-scale", choices=("channel", "global"), default="channel",
+                   help="standardise each latent channel, or centre each and divide all by one scale")
     p.add_argument("--n-images", type=int, default=24000, help="encoded world training images")
     p.add_argument("--n-objects", type=int, default=0, help="encoded captioned objects of the whole space")
     p.add_argument("--batch", type=int, default=32)
@@ -591,7 +604,7 @@ def main(argv=None) -> int:
     log.info("stage 2: encoding %d world images and %d objects", args.n_images, args.n_objects)
     means, stds, attrs = training_latents(pipe.vae, world, args.n_images, args.n_objects, seed=args.seed)
     if args.init is None:  # a resumed model is standardised already
-        m, sd = means.mean(dim=(0, 2, 3)), means.std(dim=(0, 2, 3))  # per channel, [C]
+        m, sd = latent_standardisation(means, args.latent_scale)
         log.info("latent channel means %s stds %s → standardised into the VAE", m.tolist(), sd.tolist())
         standardise_latents(pipe.vae, m, sd)
         means = (means - m[None, :, None, None]) / sd[None, :, None, None]

@@ -105,3 +105,22 @@ def test_the_default_recipe_counts_steps_and_a_smoke_run_is_timed(script):
     for flag in ("--vae-steps", "--unet-steps"):
         with pytest.raises(SystemExit):
             script.parse_args([flag, "-1"])
+
+
+def test_a_global_latent_scale_centres_each_channel_and_keeps_their_ratios(script):
+    """``--latent-scale global``: one divisor for all channels, so the standardised channels keep the raw ratio of
+    their spreads (2 : 1 here) and the pooled variance is 1; ``channel`` makes each unit. Tolerance 1e-5."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4000, 2, 2, 2, generator=g) * torch.tensor([2.0, 1.0]).view(1, 2, 1, 1) + 3.0
+    for scale in ("channel", "global"):
+        m, s = script.latent_standardisation(means, scale)
+        z = (means - m.view(1, 2, 1, 1)) / s.view(1, 2, 1, 1)
+        assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+        spread = z.std(dim=(0, 2, 3))
+        if scale == "channel":
+            assert torch.allclose(spread, torch.ones(2), atol=1e-5)
+        else:
+            assert torch.allclose(spread[0] / spread[1], means[:, 0].std() / means[:, 1].std(), atol=1e-5)
+            assert abs(float(spread.pow(2).mean()) - 1.0) < 1e-5
