@@ -268,9 +268,9 @@ def standardise_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Fold a per-channel affine map ``z' = (z − m) / s`` into the VAE's 1×1 ``quant_conv`` / ``post_quant_conv``.
 
     The SD 1.x pipeline only multiplies latents by ``scaling_factor``; it has no shift. Our VAE's raw latent
-    channels have means of ±2 and stds from 0.2 to 0.8, so one global scale leaves large offsets (which leak
-    layout through the noise, see WORLD_SCHEDULE) and nearly silent channels. Folding the map into the two
-    1×1 convolutions is exact: the encoder emits standardised moments, the decoder undoes the map first,
+    channels have means up to ±2 (offsets that leak layout through the noise, see WORLD_SCHEDULE) and spreads
+    that differ up to 5× (see :func:`latent_standardisation`). Folding the map into the two 1×1 convolutions is
+    exact: the encoder emits standardised moments, the decoder undoes the map first,
     reconstructions do not change, and ``scaling_factor`` becomes 1.
     """
     c = vae.config.latent_channels
@@ -605,7 +605,8 @@ def main(argv=None) -> int:
     means, stds, attrs = training_latents(pipe.vae, world, args.n_images, args.n_objects, seed=args.seed)
     if args.init is None:  # a resumed model is standardised already
         m, sd = latent_standardisation(means, args.latent_scale)
-        log.info("latent channel means %s stds %s → standardised into the VAE", m.tolist(), sd.tolist())
+        log.info("latent channel means %s stds %s → divided by %s in the VAE", m.tolist(),
+                 means.std(dim=(0, 2, 3)).tolist(), sd.tolist())
         standardise_latents(pipe.vae, m, sd)
         means = (means - m[None, :, None, None]) / sd[None, :, None, None]
         stds = stds / sd[None, :, None, None]
