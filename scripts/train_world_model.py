@@ -252,15 +252,14 @@ def training_latents(vae, world: World, n_images: int, n_objects: int, seed: int
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), [a for p in parts for a in p[2]]
 
 
-def latent_standardisation(means: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift ``m`` and divisor ``s`` per channel (``[C]`` each) for :func:`standardise_latents` from posterior
-    means ``[N, C, h, w]``: every channel centred, then scaled to unit variance (``"channel"``) or all divided by
-    one scale, their pooled standard deviation (``"global"``, SD's single ``scaling_factor``: quiet channels stay
-    quiet in the denoising loss)."""
-    m, s = means.mean(dim=(0, 2, 3)), means.std(dim=(0, 2, 3))
+def latent_divisors(spread: torch.Tensor, scale: str) -> torch.Tensor:
+    """Per-channel divisors ``s`` (``[C]``) for :func:`standardise_latents` from the centred latent channels' standard
+    deviations ``spread``: each channel to unit variance (``"channel"``), or all divided by one scale, their pooled
+    standard deviation (``"global"``, SD's single ``scaling_factor``: quiet channels stay quiet in the denoising
+    loss)."""
     if scale == "global":
-        s = s.pow(2).mean().sqrt().expand_as(s).clone()
-    return m, s
+        return spread.pow(2).mean().sqrt().expand_as(spread).clone()
+    return spread
 
 
 @torch.no_grad()
@@ -269,9 +268,9 @@ def standardise_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
 
     The SD 1.x pipeline only multiplies latents by ``scaling_factor``; it has no shift. Our VAE's raw latent
     channels have means up to ±2 (offsets that leak layout through the noise, see WORLD_SCHEDULE) and spreads
-    that differ up to 5× (see :func:`latent_standardisation`). Folding the map into the two 1×1 convolutions is
-    exact: the encoder emits standardised moments, the decoder undoes the map first,
-    reconstructions do not change, and ``scaling_factor`` becomes 1.
+    that differ up to 5× (see :func:`latent_divisors`). Folding the map into the two 1×1 convolutions is exact:
+    the encoder emits standardised moments, the decoder undoes the map first, reconstructions do not change, and
+    ``scaling_factor`` becomes 1.
     """
     c = vae.config.latent_channels
     q, p = vae.quant_conv, vae.post_quant_conv
@@ -604,9 +603,9 @@ def main(argv=None) -> int:
     log.info("stage 2: encoding %d world images and %d objects", args.n_images, args.n_objects)
     means, stds, attrs = training_latents(pipe.vae, world, args.n_images, args.n_objects, seed=args.seed)
     if args.init is None:  # a resumed model is standardised already
-        m, sd = latent_standardisation(means, args.latent_scale)
-        log.info("latent channel means %s stds %s → divided by %s in the VAE", m.tolist(),
-                 means.std(dim=(0, 2, 3)).tolist(), sd.tolist())
+        m, spread = means.mean(dim=(0, 2, 3)), means.std(dim=(0, 2, 3))  # per channel, [C]
+        sd = latent_divisors(spread, args.latent_scale)
+        log.info("latent channel means %s stds %s → divided by %s in the VAE", m.tolist(), spread.tolist(), sd.tolist())
         standardise_latents(pipe.vae, m, sd)
         means = (means - m[None, :, None, None]) / sd[None, :, None, None]
         stds = stds / sd[None, :, None, None]
