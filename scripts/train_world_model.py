@@ -3,8 +3,9 @@
 
 A Stable-Diffusion-architecture pipeline (AutoencoderKL, UNet2DConditionModel with cross-attention,
 CLIPTextModel with the real CLIP tokenizer) built by ``nullbooth.models.build_tiny_pipeline`` and trained
-in three stages, each to a step budget (``RECIPE_STEPS``: the same model on any machine and under any load;
-``--vae-steps 0`` / ``--unet-steps 0`` end a stage by the time budget ``--minutes`` instead, see ``Clock``):
+in three stages, each to a step budget (``RECIPE_STEPS``: the same steps under any load, the same weights on the
+same machine — another CPU's kernels round differently and the run diverges; ``--vae-steps 0`` / ``--unet-steps 0``
+end a stage by the time budget ``--minutes`` instead, see ``Clock``):
 
 1. VAE: reconstruction (L1 + MSE) with a small KL term, a general-purpose codec: 30 % world images (half of
    them striped or dotted), 70 % the broad distribution of :mod:`nullbooth.world.broad` (any colour, texture,
@@ -62,7 +63,7 @@ from nullbooth.world.subjects import HELDOUT_SEED, random_subject, subject_insta
 
 log = logging.getLogger("train_world_model")
 WORLD_SHARE = 0.3  # of the VAE's images; the rest are broad images
-# The default recipe's step budgets (benchmarks/results/rebuild_objcrop): the same model on any machine and load.
+# The default recipe's step budgets (benchmarks/results/rebuild_objcrop): the same steps on any machine and load.
 RECIPE_STEPS = {"vae": 15200, "unet": 9783}
 
 REPO = Path(__file__).resolve().parents[1]
