@@ -13,8 +13,9 @@ end a stage by the time budget ``--minutes`` instead, see ``Clock``):
    crops first (``--vae-crops objects`` centres a broad image's crop on one of its objects), full images last.
 2. Latents: a fixed set of world images — and, with ``--n-objects``, captioned objects of the whole space
    (:mod:`nullbooth.world.objects`: any shape, colour and pattern, worded with the nearest palette name) — is
-   encoded once (posterior mean and std); each latent channel is standardised (``--latent-scale global``: centred,
-   all divided by one scale) by folding the affine map into the VAE's 1×1 convolutions (``scaling_factor`` = 1).
+   encoded once (posterior mean and std); each latent channel is centred and all are divided by one pooled scale
+   (``--latent-scale channel``: each standardised on its own) by folding the affine map into the VAE's 1×1
+   convolutions (``scaling_factor`` = 1).
 3. UNet + text encoder: the denoising loss ``E_{t, z0, ε} ‖target − f_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, τ_θ(y))‖²``
    with the scheduler's target — ε with Min-SNR-γ weights (Hang et al. 2023) for the shipped SD schedule,
    v = √ᾱ_t ε − √(1−ᾱ_t) z0 for ``--schedule zero-snr`` (Salimans & Ho 2022; Lin et al. 2024) —, 10 % caption
@@ -28,7 +29,7 @@ the composition gate with the judge (``scripts/composition_gate.py``: ``composit
 the fraction of generations for held-out shape × colour prompts whose shape and colour the judge reads as
 prompted.
 
-    python scripts/train_world_model.py             # the default recipe (72.5 CPU-min on one thread where measured)
+    python scripts/train_world_model.py             # the default recipe (102 CPU-min beside a second run)
     python scripts/train_world_model.py --smoke     # 1-minute end-to-end check (timed stages)
     python scripts/train_world_model.py --vae-steps 0 --unet-steps 0 --vae-batch 32 --vae-crops anywhere \
         --minutes 82                                # the recipe of the shipped tiny-sd (timed stages)
@@ -63,8 +64,8 @@ from nullbooth.world.subjects import HELDOUT_SEED, random_subject, subject_insta
 
 log = logging.getLogger("train_world_model")
 WORLD_SHARE = 0.3  # of the VAE's images; the rest are broad images
-# The default recipe's step budgets (benchmarks/results/rebuild_objcrop): the same steps on any machine and load.
-RECIPE_STEPS = {"vae": 15200, "unet": 9783}
+# The default recipe's step budgets (benchmarks/results/rebuild_vae20k): the same steps on any machine and load.
+RECIPE_STEPS = {"vae": 20000, "unet": 9783}
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "nullbooth" / "data" / "models" / "tiny-sd"
@@ -505,10 +506,10 @@ def parse_args(argv=None):
     p.add_argument("--vae-batch", type=int, default=8, help="crops per VAE step (half as many full images)")
     p.add_argument("--vae-crops", choices=("objects", "anywhere"), default="objects",
                    help="where the VAE's crops of broad images are centred: on one of their objects or anywhere")
-    p.add_argument("--vae-full-frac", type=float, default=0.4, help="last fraction of the VAE stage on full images")
+    p.add_argument("--vae-full-frac", type=float, default=0.2, help="last fraction of the VAE stage on full images")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--latent-scale", choices=("channel", "global"), default="channel",
+    p.add_argument("--latent-scale", choices=("channel", "global"), default="global",
                    help="standardise each latent channel, or centre each and divide all by one scale")
     p.add_argument("--n-images", type=int, default=24000, help="encoded world training images")
     p.add_argument("--n-objects", type=int, default=0, help="encoded captioned objects of the whole space")

@@ -98,7 +98,8 @@ def test_vae_crops_of_broad_images_centre_on_their_objects(script, monkeypatch):
 def test_the_default_recipe_counts_steps_and_a_smoke_run_is_timed(script):
     default = script.parse_args([])
     assert (default.vae_steps, default.unet_steps) == (script.RECIPE_STEPS["vae"], script.RECIPE_STEPS["unet"])
-    assert (default.vae_batch, default.vae_crops, default.vae_full_frac) == (8, "objects", 0.4)
+    assert (default.vae_batch, default.vae_crops, default.vae_full_frac, default.latent_scale) == (
+        8, "objects", 0.2, "global")
     smoke = script.parse_args(["--smoke"])
     assert (smoke.vae_steps, smoke.unet_steps, smoke.minutes) == (0, 0, 1.0)
     assert script.parse_args(["--smoke", "--vae-steps", "5"]).vae_steps == 5
