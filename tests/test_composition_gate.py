@@ -54,7 +54,7 @@ def test_composition_gate_on_the_shipped_model(gate_script):
 
 def test_shipped_composition_gate_is_recorded():
     """The shipped model's gate on 500 prompts per split: consistent with itself (interval, per-pair mean,
-    ``passed``); the held-out rate is under the 95 % issue 15 asks, and ``passed`` says so."""
+    ``passed``); the held-out rate, 95.6 %, meets the 95 % issue 15 asks, and ``passed`` says so."""
     from nullbooth.models import resolve_model_path
 
     gate = json.loads((Path(resolve_model_path("tiny-sd")) / "composition_gate.json").read_text())
@@ -64,4 +64,4 @@ def test_shipped_composition_gate_is_recorded():
     assert lo <= held["shape_and_colour"] <= hi and hi - lo < 0.05
     pairs = gate["heldout_per_pair"]
     assert len(pairs) == 5 and math.isclose(sum(pairs.values()) / 5, held["shape_and_colour"], abs_tol=1e-9)
-    assert gate["passed"] == (held["shape_and_colour"] >= gate["gate"] == 0.95)
+    assert held["shape_and_colour"] >= gate["gate"] == 0.95 and gate["passed"] is True
