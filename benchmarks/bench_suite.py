@@ -22,19 +22,17 @@ from the committed sweep (``--sweep`` writes ``lr_sweep.json``: every method at 
 
 Every method trains with the same loss weighting: diffusers' plain ε-MSE by default, Min-SNR-γ with ``--snr-gamma``
 (Hang et al. 2023; diffusers' ``--snr_gamma``). The plain loss is dominated by the smallest timesteps (on ``tiny-sd``
-the base model's loss on a subject's instance images is 280× larger at t = 50 than at t = 950:
-``results/timesteps.md``), where only fine detail is decided; ``results/snr5/`` holds the suite at γ = 5.
+the base model's loss on a subject's instance images is 283× larger at t = 50 than at t = 950:
+``results/timesteps.md``), where only fine detail is decided.
 
 Every number is a mean over subjects × training seeds with a 95 % Student-t interval.
 
     python benchmarks/bench_suite.py --sweep                    # the learning-rate sweep → results/lr_sweep.json
     S="--seeds 2 --methods dreambooth attn2_finetune lora oft perfusion 'perfusion concept_token' 'nullbooth ε 0.1' \
-       'nullbooth unet ε 0.03'"
+       'nullbooth unet ε 0.03' 'nullbooth unet ε 0.1'"
     eval python benchmarks/bench_suite.py $S --shard 0/2 & eval python benchmarks/bench_suite.py $S --shard 1/2; \
         wait; eval python benchmarks/bench_suite.py $S --report  # the committed table and plot
     python benchmarks/bench_suite.py --quick --out /tmp/b       # a CI-sized slice (a minute or two)
-    # results/snr5: the same three steps with --snr-gamma 5 --sample-seeds 2 --out benchmarks/results/snr5
-    # (without 'perfusion concept_token' and the unet scope, which came later; 'nullbooth unet ε 0.1' is swept only)
 
 Runs are resumable: each (subject, method, seed) writes its rows to ``--work``/rows and is skipped when present.
 Writes ``suite.json``, ``suite.md`` and ``suite.png`` to ``--out`` (default ``benchmarks/results``).
