@@ -74,6 +74,25 @@ def test_gradient_ramps_along_its_angle_and_noise_moves_with_the_object():
     assert 0.1 < _is(a, BLUE).mean() < 0.9
 
 
+def test_a_part_of_the_canvas_renders_exactly_as_that_part_of_the_whole():
+    """``box`` renders only the part under a shape (the VAE's data are drawn every step): the same uint8 pixels as
+    that part of the full canvas, for every kind, any colours, period, angle and centre."""
+    rng = np.random.default_rng(0)
+    side = 96
+    for k in range(60):
+        kind = PATTERN_KINDS[k % len(PATTERN_KINDS)]
+        colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(2)]
+        t = Texture(kind, *colours, float(rng.uniform(5, 30)), float(rng.uniform(0, 180)), seed=k)
+        centre, radius = tuple(float(v) for v in rng.uniform(10, 86, 2)), float(rng.uniform(5, 40))
+        left, upper = (int(v) for v in rng.integers(0, side - 1, 2))
+        right, lower = int(rng.integers(left + 1, side + 1)), int(rng.integers(upper + 1, side + 1))
+        whole = render_texture(t, side, centre, radius)
+        part = render_texture(t, side, centre, radius, box=(left, upper, right, lower))
+        assert part.dtype == np.uint8 and np.array_equal(part, whole[upper:lower, left:right]), (kind, k)
+    with_box = broad_scene(np.random.default_rng(3))[0]
+    assert with_box.shape == (64, 64, 3) and np.array_equal(with_box, broad_scene(np.random.default_rng(3))[0])
+
+
 def test_every_shape_draws_a_comparable_area():
     side, r = 256, 60.0
     circle = np.asarray(shape_mask("circle", side, 128, 128, r)).astype(bool).sum()

@@ -95,6 +95,31 @@ def test_vae_crops_of_broad_images_centre_on_their_objects(script, monkeypatch):
         script.parse_args(["--smoke", "--vae-crops", "edges"])
 
 
+def test_frozen_encodings_are_the_encoders_output_computed_once_per_caption(script):
+    """The cache returns what the frozen encoder returns for the whole batch (tolerance 1e-6: a row's value must not
+    depend on its batch), encodes each distinct caption once, and past its memory cap still answers correctly."""
+    import torch
+
+    from nullbooth.models import WORLD_ARCH, build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(WORLD_ARCH)
+    encoder = pipe.text_encoder.eval()
+    tokens = script.Tokens(pipe.tokenizer)
+    calls = []
+    encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    batches = [["a red circle", "", "a blue star on the left", ""], ["", "a red circle", "a green square"]]
+    for max_bytes, expected_calls in ((2**30, [3, 1]), (0, [3, 3])):
+        cache = script.FrozenEncodings(encoder, tokens, max_bytes)
+        calls.clear()
+        for captions in batches:
+            with torch.no_grad():
+                direct = encoder(tokens(captions))[0]
+            calls.pop()
+            torch.testing.assert_close(cache(captions), direct, rtol=0, atol=1e-6)
+        assert calls == expected_calls  # only captions not seen before, each once per batch
+        assert len(cache.rows) == (4 if max_bytes else 0) and cache.bytes <= max_bytes
+
+
 def test_the_default_recipe_counts_steps_and_a_smoke_run_is_timed(script):
     default = script.parse_args([])
     assert (default.vae_steps, default.unet_steps) == (script.RECIPE_STEPS["vae"], script.RECIPE_STEPS["unet"])

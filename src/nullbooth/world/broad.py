@@ -48,8 +48,11 @@ def broad_scene(rng: np.random.Generator, resolution: int = 64,
         r = float(rng.uniform(*RADIUS_RANGE)) * side
         width = int(rng.integers(1, 4)) * supersample if rng.random() < OUTLINE_PROB else 0
         mask = shape_mask(str(rng.choice(ALL_SHAPES)), side, float(cx), float(cy), r, float(rng.uniform(0, 360)), width)
-        fill = render_texture(random_texture(rng, side), side, center=(float(cx), float(cy)), radius=r)
-        canvas.paste(Image.fromarray(fill), (0, 0), mask)
+        texture = random_texture(rng, side)
+        box = mask.getbbox()
+        if box is not None:  # the fill is rendered only under the mask: most of the canvas never shows it
+            fill = render_texture(texture, side, center=(float(cx), float(cy)), radius=r, box=box)
+            canvas.paste(Image.fromarray(fill), box[:2], mask.crop(box))
         centres.append((float(cx) / supersample, float(cy) / supersample))
     return np.asarray(canvas.resize((resolution, resolution), Image.Resampling.BOX)), centres
 

@@ -271,7 +271,9 @@ class World:
         accent = _rgb(attrs.pattern_colour) if attrs.pattern_colour else _rgb(attrs.colour)
         texture = Texture(_TEXTURE_KIND[attrs.pattern], _rgb(attrs.colour), accent, period, pattern_angle)
         mask = shape_mask(attrs.shape, side, attrs.cx * k, attrs.cy * k, attrs.radius * k, attrs.rotation)
-        canvas.paste(Image.fromarray(render_texture(texture, side)), (0, 0), mask)
+        box = mask.getbbox()
+        if box is not None:  # the fill is rendered only under the mask: most of the canvas never shows it
+            canvas.paste(Image.fromarray(render_texture(texture, side, box=box)), box[:2], mask.crop(box))
         return canvas.resize((res, res), Image.Resampling.BOX)
 
     # -- words ------------------------------------------------------------------------------------------
