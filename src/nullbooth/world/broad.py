@@ -13,7 +13,15 @@ import numpy as np
 from PIL import Image
 
 from nullbooth.world.scenes import BACKGROUNDS
-from nullbooth.world.textures import ALL_SHAPES, PATTERN_KINDS, RGB, Texture, render_texture, shape_mask
+from nullbooth.world.textures import (
+    ALL_SHAPES,
+    PATTERN_KINDS,
+    RGB,
+    Texture,
+    paste_texture,
+    render_texture,
+    shape_mask,
+)
 
 PERIOD_RANGE = (0.1, 0.35)  # fraction of the side; finer than any subject's so that subjects are interpolation
 RADIUS_RANGE = (0.07, 0.32)  # fraction of the side
@@ -48,11 +56,7 @@ def broad_scene(rng: np.random.Generator, resolution: int = 64,
         r = float(rng.uniform(*RADIUS_RANGE)) * side
         width = int(rng.integers(1, 4)) * supersample if rng.random() < OUTLINE_PROB else 0
         mask = shape_mask(str(rng.choice(ALL_SHAPES)), side, float(cx), float(cy), r, float(rng.uniform(0, 360)), width)
-        texture = random_texture(rng, side)
-        box = mask.getbbox()
-        if box is not None:  # the fill is rendered only under the mask: most of the canvas never shows it
-            fill = render_texture(texture, side, center=(float(cx), float(cy)), radius=r, box=box)
-            canvas.paste(Image.fromarray(fill), box[:2], mask.crop(box))
+        paste_texture(canvas, random_texture(rng, side), mask, center=(float(cx), float(cy)), radius=r)
         centres.append((float(cx) / supersample, float(cy) / supersample))
     return np.asarray(canvas.resize((resolution, resolution), Image.Resampling.BOX)), centres
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from nullbooth.errors import NullBoothError
-from nullbooth.world.textures import WORLD_SHAPES, Texture, render_texture, shape_mask
+from nullbooth.world.textures import WORLD_SHAPES, Texture, paste_texture, shape_mask
 
 Split = Literal["train", "heldout", "all"]
 
@@ -271,9 +271,7 @@ class World:
         accent = _rgb(attrs.pattern_colour) if attrs.pattern_colour else _rgb(attrs.colour)
         texture = Texture(_TEXTURE_KIND[attrs.pattern], _rgb(attrs.colour), accent, period, pattern_angle)
         mask = shape_mask(attrs.shape, side, attrs.cx * k, attrs.cy * k, attrs.radius * k, attrs.rotation)
-        box = mask.getbbox()
-        if box is not None:  # the fill is rendered only under the mask: most of the canvas never shows it
-            canvas.paste(Image.fromarray(render_texture(texture, side, box=box)), box[:2], mask.crop(box))
+        paste_texture(canvas, texture, mask)
         return canvas.resize((res, res), Image.Resampling.BOX)
 
     # -- words ------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from nullbooth.world.textures import (
     RGB,
     WORLD_SHAPES,
     Texture,
-    render_texture,
+    paste_texture,
     shape_mask,
 )
 
@@ -159,8 +159,7 @@ def draw_subject(subject: Subject, side: int, cx: float, cy: float, r: float, ba
                  rotation: float) -> Image.Image:
     """``subject`` centred at ``(cx, cy)`` with circumradius ``r`` on a ``side × side`` canvas (all in pixels)."""
     canvas = Image.new("RGB", (side, side), BACKGROUNDS[background])
-    fill = render_texture(subject.texture(side), side, center=(cx, cy), radius=r)
-    canvas.paste(Image.fromarray(fill), (0, 0), shape_mask(subject.shape, side, cx, cy, r, rotation))
+    paste_texture(canvas, subject.texture(side), shape_mask(subject.shape, side, cx, cy, r, rotation), (cx, cy), r)
     return canvas
 
 

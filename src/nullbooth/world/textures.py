@@ -62,6 +62,9 @@ def _pick(base: RGB, accent: RGB, mask: np.ndarray) -> np.ndarray:
     return np.asarray((base, accent), np.uint8)[mask.astype(np.intp)]
 
 
+_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def _grid(side: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates ``yy, xx`` (float64, ``[side, side]``), cached per side: read-only, shared by every call."""
     if side not in _GRIDS:
@@ -69,9 +72,6 @@ def _grid(side: int) -> tuple[np.ndarray, np.ndarray]:
         yy.flags.writeable = xx.flags.writeable = False
         _GRIDS[side] = (yy, xx)
     return _GRIDS[side]
-
-
-_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _noise_field(side: int, period: float, seed: int, center: tuple[float, float]) -> np.ndarray:
@@ -119,6 +119,17 @@ def render_texture(texture: Texture, side: int, center: tuple[float, float] | No
         du, dv = (u % t.period) - t.period / 2, (v % t.period) - t.period / 2
         return _pick(t.base, t.accent, du**2 + dv**2 <= (t.period * 0.28) ** 2)
     return _pick(t.base, t.accent, ((np.floor(u / (t.period / 2)) + np.floor(v / (t.period / 2))) % 2) == 1)  # checks
+
+
+def paste_texture(canvas: Image.Image, texture: Texture, mask: Image.Image,
+                  center: tuple[float, float] | None = None, radius: float | None = None) -> None:
+    """Paint ``texture`` onto the square ``canvas`` where the mode-"L" ``mask`` (same size) is set; ``center`` and
+    ``radius`` as in :func:`render_texture`. The texture is rendered only over the mask's bounding box: most of the
+    canvas never shows it, and the VAE's training images are drawn on every step."""
+    box = mask.getbbox()
+    if box is not None:
+        fill = render_texture(texture, canvas.width, center=center, radius=radius, box=box)
+        canvas.paste(Image.fromarray(fill), box[:2], mask.crop(box))
 
 
 # ------------------------------------------------------------------------------------------------ shapes
